@@ -1,0 +1,43 @@
+# The README's two commands: `make run` and `make test`. Both bootstrap .venv from scratch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# MLflow's default local store (the plain file store refuses to open in mlflow 3.17).
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export PATH := $(abspath $(BIN)):$(PATH)
+export GIT_PYTHON_REFRESH := quiet
+
+.PHONY: help install run test test-fast bench repro ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv and install the pinned requirements and the package
+
+run: install  ## the main job on the embedded sample, tracked in MLflow (mlflow run . with defaults)
+	$(BIN)/mlflow run . --env-manager local $(MLFLOW_ARGS)
+
+test: install  ## the test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## the test suite without the slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install  ## the benchmarks in bench/ (tables printed, JSON under bench/results/)
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+repro: install  ## the DVC pipeline (prepare -> experiment -> compare)
+	$(BIN)/dvc repro
+
+ui: install  ## the MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:  ## remove local state (keeps .venv and the DVC cache)
+	rm -rf mlruns mlartifacts outputs .pytest_cache

@@ -1,0 +1,324 @@
+"""Raw city files -> the dataset bundle, and the `prepare` stage's on-disk contract.
+
+`prepare_dataset(city)` returns a DatasetBundle. It reads `data/processed/<city>/` when that
+folder is there and current (same source-file hashes, same preparation options), and the raw
+files otherwise. `write_processed(city)` is the DVC `prepare` stage: it writes
+
+    data/processed/<city>/series.npy   (T, N) float32, raw units, NaN = missing
+    data/processed/<city>/time.npy     (T, 2) float32, time of day in [0, 1), day of week 0..6
+    data/processed/<city>/adj.npy      (N, N) float32
+    data/processed/<city>/coords.npy   (N, 2) float64 latitude, longitude (absent if unknown)
+    data/processed/<city>/meta.json    shape, interval, split boundaries, null value, scaler, sources
+
+byte-identical when rerun on the same input (npy has no timestamps; JSON keys are sorted).
+The folder is written next to its final place and renamed into it only when complete, so a
+failure never leaves a half-written city behind.
+
+Splits are chronological ranges of time steps (70/10/20 by default); the scaler is fit on the
+training range only; readings equal to the city's null value are missing (NaN in `series.npy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from graphtune.data.bundle import DatasetBundle, Scaler
+from graphtune.data.cities import CitySpec, get_city
+from graphtune.data.fetch import resolve_file, sha256_file
+from graphtune.data.loaders import align, coordinates_to_adjacency, read_graph, read_locations, read_series
+from graphtune.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1  # bump when the processed layout or its semantics change: old folders are then stale
+PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Options that change the processed arrays (they are recorded in meta.json and checked for staleness)."""
+
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # chronological train/val/test, the DCRNN protocol
+    normalized_k: float = 0.1  # DCRNN's kernel threshold: weights below it become 0 (sparse graph)
+
+    def __post_init__(self):
+        split = tuple(float(s) for s in self.split)
+        if len(split) != 3 or any(s <= 0 for s in split) or abs(sum(split) - 1.0) > 1e-6:
+            raise ConfigError(f"prepare.split: expected three positive fractions summing to 1, got {list(self.split)}")
+        object.__setattr__(self, "split", split)
+        if not 0 <= self.normalized_k < 1:
+            raise ConfigError(f"prepare.normalized_k: expected a value in [0, 1), got {self.normalized_k}")
+
+    def to_dict(self) -> dict:
+        return {"split": list(self.split), "normalized_k": self.normalized_k, "format_version": FORMAT_VERSION}
+
+
+@dataclass
+class _Arrays:
+    """The processed arrays of one city, before they become a bundle or files."""
+
+    series: np.ndarray  # (T, N) float32, NaN = missing
+    time: np.ndarray  # (T, 2) float32
+    adj: np.ndarray  # (N, N) float32
+    coords: np.ndarray | None  # (N, 2) float64
+    meta: dict
+
+
+# ----------------------------------------------------------------------------- public API
+def prepare_dataset(
+    city: str,
+    *,
+    root: str | Path = ".",
+    processed_dir: str | Path = "data/processed",
+    cities: dict | None = None,
+    data_source: str = "local",
+    cache_dir: str | Path = "data/raw/.cache",
+    url_overrides: dict | None = None,
+    split=(0.7, 0.1, 0.2),
+    normalized_k: float = 0.1,
+    t_in: int = 12,
+    t_out: int = 12,
+    stride: int = 1,
+    use_processed: bool = True,
+) -> DatasetBundle:
+    """Load city `city` as a DatasetBundle (from `processed_dir` when current, else from its raw files).
+
+    `cities` holds user city entries (params.yaml `cities:`); `data_source` is local | url | hf | auto;
+    `url_overrides` maps a file name to a URL that replaces the registered one.
+    """
+    _check_windows(t_in, t_out, stride)
+    options = PrepareOptions(split=split, normalized_k=normalized_k)
+    spec = get_city(city, cities)
+    root = Path(root)
+    paths = _resolve_files(spec, root, data_source, Path(root, cache_dir), url_overrides or {})
+    sources = {role: sha256_file(p) for role, p in paths.items()}
+    out = Path(root, processed_dir, spec.name)
+    arrays = _read_processed(out, sources, options) if use_processed else None
+    if arrays is None:
+        arrays = _process(spec, paths, sources, options, cities)
+    return _to_bundle(spec.name, arrays, t_in, t_out, stride)
+
+
+def write_processed(
+    city: str,
+    *,
+    root: str | Path = ".",
+    processed_dir: str | Path = "data/processed",
+    cities: dict | None = None,
+    data_source: str = "local",
+    cache_dir: str | Path = "data/raw/.cache",
+    url_overrides: dict | None = None,
+    split=(0.7, 0.1, 0.2),
+    normalized_k: float = 0.1,
+    t_in: int = 12,
+    t_out: int = 12,
+    stride: int = 1,
+) -> Path:
+    """The `prepare` stage: process city `city` from its raw files and write `processed_dir/<city>/`.
+
+    Validates that the city yields at least one window per split with (t_in, t_out, stride) before writing.
+    """
+    _check_windows(t_in, t_out, stride)
+    options = PrepareOptions(split=split, normalized_k=normalized_k)
+    spec = get_city(city, cities)
+    root = Path(root)
+    paths = _resolve_files(spec, root, data_source, Path(root, cache_dir), url_overrides or {})
+    sources = {role: sha256_file(p) for role, p in paths.items()}
+    arrays = _process(spec, paths, sources, options, cities)
+    _to_bundle(spec.name, arrays, t_in, t_out, stride)  # raises if a split is too short for one window
+    out = Path(root, processed_dir, spec.name)
+    _write_atomic(out, arrays)
+    return out
+
+
+# ----------------------------------------------------------------------------- steps
+def _check_windows(t_in: int, t_out: int, stride: int) -> None:
+    for option, value in (("t_in", t_in), ("t_out", t_out), ("stride", stride)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"prepare.{option}: expected a positive integer, got {value!r}")
+
+
+def _resolve_files(spec: CitySpec, root: Path, data_source: str, cache_dir: Path, overrides: dict) -> dict[str, Path]:
+    if data_source not in ("local", "url", "hf", "auto"):
+        raise ConfigError(f"prepare.data_source: expected local, url, hf or auto, got {data_source!r}")
+    local_dir = Path(root, spec.directory)
+    return {
+        role: resolve_file(remote, local_dir=local_dir, data_source=data_source, cache_dir=cache_dir / spec.name,
+                           url_override=overrides.get(remote.name))
+        for role, remote in spec.files().items()
+    }
+
+
+def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: PrepareOptions,
+             cities: dict | None) -> _Arrays:
+    """Read, align, validate and convert the raw files. Peak extra memory stays near one float32 copy."""
+    opts = dict(spec.series_options)
+    if spec.interval_minutes is not None:
+        opts.setdefault("interval_minutes", spec.interval_minutes)
+    data = read_series(paths["series"], **opts)
+    coords_df = read_locations(paths["locations"]) if "locations" in paths else None
+    if "graph" in paths:
+        adj, graph_ids = read_graph(paths["graph"], fmt=spec.graph_format, sensor_ids=data.sensor_ids,
+                                    normalized_k=options.normalized_k)
+    else:
+        adj, graph_ids = None, None
+    files = {role: str(p) for role, p in paths.items()}
+    if adj is None:
+        if coords_df is None:
+            raise DataError(f"city {spec.name}: no graph file and no locations file to build a graph from")
+        _, coords = align(data, np.eye(len(data.sensor_ids), dtype=np.float32), None, coords_df, files=files)
+        if np.isnan(coords).any():
+            raise DataError(f"{paths['locations']}: every sensor needs coordinates to build the graph from them")
+        adj = coordinates_to_adjacency(coords[:, 0], coords[:, 1], normalized_k=options.normalized_k)
+    else:
+        adj, coords = align(data, adj, graph_ids, coords_df, files=files)
+    values = data.values  # (T, N) float64, as read
+    sensor_ids = list(data.sensor_ids)
+
+    if np.isinf(values).any():
+        raise DataError(f"{paths['series']}: contains infinite values; expected finite readings")
+    n_nan = int(np.isnan(values).sum())
+    if n_nan and not spec.nan_as_missing:
+        raise DataError(
+            f"{paths['series']}: contains {n_nan} NaN values; mark missing readings with the null value "
+            f"{spec.null_value:g}, or set nan_as_missing: true for city {spec.name}"
+        )
+
+    if spec.subset:
+        keep = _subset_nodes(spec, coords, paths)
+        values, adj, coords = values[:, keep], adj[np.ix_(keep, keep)], coords[keep]
+        sensor_ids = [sensor_ids[i] for i in keep]
+
+    series = values.astype(np.float32)  # (T, N): the one full-size copy we make
+    series[series == np.float32(spec.null_value)] = np.nan  # missing readings
+    missing_share = float(np.isnan(series).mean())
+    n_steps = series.shape[0]
+    bounds = _split_bounds(n_steps, options.split)
+    scaler = Scaler.fit(series[: bounds["train"][1]])
+
+    meta = {
+        "city": spec.name,
+        "format_version": FORMAT_VERSION,
+        "shape": list(series.shape),
+        "interval_minutes": data.interval_minutes,
+        "start": str(data.index[0]),
+        "end": str(data.index[-1]),
+        "splits": {k: list(v) for k, v in bounds.items()},
+        "null_value": spec.null_value,
+        "missing_share": round(missing_share, 6),
+        "scaler": scaler.to_dict(),
+        "units": spec.units,
+        "sensor_ids": sensor_ids,
+        "num_edges": int((adj > 0).sum() - (np.diag(adj) > 0).sum()),
+        "sources": {role: {"file": Path(p).name, "sha256": sources[role]} for role, p in paths.items()},
+        "options": options.to_dict(),
+        "subset": spec.subset,
+        "synthetic": False,
+    }
+    return _Arrays(series=series, time=time_features(data.index), adj=adj.astype(np.float32), coords=coords,
+                   meta=meta)
+
+
+def time_features(index: pd.DatetimeIndex) -> np.ndarray:
+    """(T, 2) float32 from real timestamps: time of day as a fraction of 24 h, day of week (Monday = 0)."""
+    minutes = index.hour * 60 + index.minute + index.second / 60.0
+    return np.column_stack([np.asarray(minutes / 1440.0), np.asarray(index.day_of_week)]).astype(np.float32)
+
+
+def _split_bounds(n_steps: int, split: tuple[float, float, float]) -> dict[str, tuple[int, int]]:
+    t1 = int(round(n_steps * split[0]))
+    t2 = int(round(n_steps * (split[0] + split[1])))
+    return {"train": (0, t1), "val": (t1, t2), "test": (t2, n_steps)}
+
+
+def _subset_nodes(spec: CitySpec, coords: np.ndarray | None, paths: dict) -> np.ndarray:
+    """Sensor indices west (longitude < median) or east (>= median) of the parent city's median longitude."""
+    if coords is None or np.isnan(coords[:, 1]).any():
+        raise DataError(f"city {spec.name}: the geographic split needs coordinates for every sensor "
+                        f"({paths.get('locations', 'no locations file')})")
+    median = float(np.median(coords[:, 1]))
+    west = coords[:, 1] < median
+    return np.flatnonzero(west if spec.subset["side"] == "west" else ~west)
+
+
+def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> DatasetBundle:
+    meta = a.meta
+    scaler = Scaler(**meta["scaler"])
+    splits = {k: tuple(v) for k, v in meta["splits"].items()}
+    for split, (lo, hi) in splits.items():
+        if hi - lo < t_in + t_out:
+            raise DataError(
+                f"city {name}: the {split} part has {hi - lo} steps, fewer than one window of "
+                f"t_in + t_out = {t_in + t_out} steps ({meta['shape'][0]} steps in all)"
+            )
+    target = torch.from_numpy(a.series)  # (T, N) raw, NaN = missing; shares memory with the array
+    scaled = np.subtract(a.series, np.float32(scaler.mean), dtype=np.float32)  # (T, N), one allocation
+    scaled /= np.float32(scaler.std)
+    np.nan_to_num(scaled, nan=0.0, copy=False)  # missing -> 0.0, i.e. the training mean
+    values = torch.from_numpy(scaled)
+    return DatasetBundle(
+        name=name,
+        values=values,
+        target=target,
+        time_features=torch.from_numpy(a.time),
+        adj=a.adj,
+        sensor_ids=list(meta["sensor_ids"]),
+        interval_minutes=float(meta["interval_minutes"]),
+        splits=splits,
+        scaler=scaler,
+        coords=a.coords,
+        t_in=t_in,
+        t_out=t_out,
+        stride=stride,
+        units=meta.get("units", ""),
+        null_value=float(meta["null_value"]),
+        meta=meta,
+    )
+
+
+# ----------------------------------------------------------------------------- files
+def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> _Arrays | None:
+    """The processed arrays when `out` is complete and current (same sources and options), else None."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    current = {role: s["sha256"] for role, s in meta.get("sources", {}).items()}
+    if current != sources or meta.get("options") != options.to_dict():
+        return None
+    try:
+        coords = np.load(out / "coords.npy") if (out / "coords.npy").is_file() else None
+        return _Arrays(series=np.load(out / "series.npy"), time=np.load(out / "time.npy"),
+                       adj=np.load(out / "adj.npy"), coords=coords, meta=meta)
+    except (OSError, ValueError):
+        warnings.warn(f"{out}: processed files are unreadable; reading the raw files instead")
+        return None
+
+
+def _write_atomic(out: Path, a: _Arrays) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.save(tmp / "series.npy", a.series)
+        np.save(tmp / "time.npy", a.time)
+        np.save(tmp / "adj.npy", a.adj)
+        if a.coords is not None:
+            np.save(tmp / "coords.npy", a.coords)
+        (tmp / "meta.json").write_text(json.dumps(a.meta, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

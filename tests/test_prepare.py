@@ -1,0 +1,264 @@
+"""prepare_dataset / write_processed on the real sample and tiny generated cities, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from graphtune.cli import cli
+from graphtune.data.prepare import prepare_dataset, time_features, write_processed
+from graphtune.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+WEEK = REPO / "data" / "sample" / "metr-la-week"
+
+
+# ----------------------------------------------------------------------------- the real sample
+def test_week_bundle_facts(week_bundle):
+    b = week_bundle
+    assert (b.num_steps, b.num_nodes) == (2016, 207)
+    assert b.interval_minutes == 5.0 and b.steps_per_day == 288
+    assert b.splits == {"train": (0, 1411), "val": (1411, 1613), "test": (1613, 2016)}
+    raw = pd.read_hdf(WEEK / "metr-la-week.h5")
+    assert b.sensor_ids == list(raw.columns)
+    np.testing.assert_array_equal(b.target.numpy(), raw.to_numpy(np.float32))
+    # scaler from the training rows only, checked with numbers
+    train = raw.to_numpy()[:1411]
+    assert b.scaler.mean == pytest.approx(train.mean(), rel=1e-9)
+    assert b.scaler.std == pytest.approx(train.std(), rel=1e-6)
+    assert b.scaler.mean != pytest.approx(raw.to_numpy().mean(), rel=1e-4)
+    # time features from the real timestamps: 2012-03-01 was a Thursday
+    assert b.time_features[0].tolist() == [0.0, 3.0]
+    assert b.time_features[12, 0].item() == pytest.approx(60 / 1440)
+    with open(WEEK / "adj_mx.pkl", "rb") as f:
+        ids, _, adj = pickle.load(f, encoding="latin1")
+    np.testing.assert_array_equal(b.adj, adj)
+    assert b.coords.shape == (207, 2) and np.isfinite(b.coords).all()
+    assert b.num_windows("train") == 1411 - 23 and b.num_windows("test") == 403 - 23
+
+
+def test_geographic_sub_cities_are_induced_subgraphs(week_bundle):
+    west = prepare_dataset("metr-la-west", root=REPO, use_processed=False)
+    east = prepare_dataset("metr-la-east", root=REPO, use_processed=False)
+    assert (west.num_nodes, east.num_nodes) == (103, 104)
+    assert set(west.sensor_ids).isdisjoint(east.sensor_ids)
+    assert set(west.sensor_ids) | set(east.sensor_ids) == set(week_bundle.sensor_ids)
+    assert west.coords[:, 1].max() < east.coords[:, 1].min()
+    idx = [week_bundle.sensor_ids.index(s) for s in east.sensor_ids]
+    np.testing.assert_array_equal(east.adj, week_bundle.adj[np.ix_(idx, idx)])
+    np.testing.assert_array_equal(east.target.numpy(), week_bundle.target.numpy()[:, idx])
+    assert east.scaler != week_bundle.scaler  # each sub-city fits its own scaler on its own training part
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
+    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    first = _digest(out)
+    assert set(first) == {"series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json"}
+    assert _digest(write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)) == first
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["shape"] == [2016, 104] and meta["splits"]["val"] == [1411, 1613]
+    assert meta["sources"]["series"]["sha256"].startswith("6b4e7959")
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+    import graphtune.data.prepare as prep
+
+    calls = []
+    real = prep._process
+    monkeypatch.setattr(prep, "_process", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert calls == []  # current processed folder: raw files not read
+    fresh = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path, use_processed=False)
+    np.testing.assert_array_equal(cached.values.numpy(), fresh.values.numpy())
+    prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path, split=(0.6, 0.2, 0.2))
+    assert len(calls) == 2  # other options -> stale -> read from raw
+
+
+# ----------------------------------------------------------------------------- user cities (CSV), intervals
+def _write_city(folder: Path, t=300, n=4, freq="15min", start="2024-03-04 00:00", seed=0, **corrupt):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = pd.date_range(start, periods=t, freq=freq)
+    ids = [f"s{i}" for i in range(n)]
+    values = rng.uniform(10, 60, (t, n)).round(3)
+    df = pd.DataFrame(values, index=index, columns=ids)
+    df.index.name = "time"
+    df.to_csv(folder / "series.csv")
+    adj = np.eye(n) + 0.5 * np.eye(n, k=1)
+    np.savetxt(folder / "adj.csv", adj, delimiter=",")
+    pd.DataFrame({"sensor_id": ids, "latitude": 34 + np.arange(n) * 0.01,
+                  "longitude": -118 + np.arange(n) * 0.01}).to_csv(folder / "locations.csv")
+    return df
+
+
+def _params(tmp_path: Path, folder: Path, **entry) -> Path:
+    city = {"directory": str(folder), "series": "series.csv", "graph": "adj.csv", "graph_format": "dense",
+            "locations": "locations.csv", "units": "km/h"}
+    city.update(entry)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"prepare": {"processed_dir": str(tmp_path / "processed")},
+                                    "cities": {"toy": city}}))
+    return path
+
+
+@pytest.mark.parametrize("freq,minutes,per_day", [("15min", 15.0, 96), ("1h", 60.0, 24)])
+def test_user_city_from_params_with_other_intervals(tmp_path, freq, minutes, per_day):
+    df = _write_city(tmp_path / "raw", freq=freq)
+    params = _params(tmp_path, tmp_path / "raw")
+    result = CliRunner().invoke(cli, ["prepare", "--city", "toy", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "processed" / "toy" / "meta.json").read_text())
+    assert meta["interval_minutes"] == minutes
+    train = df.to_numpy()[: round(300 * 0.7)]
+    assert meta["scaler"]["mean"] == pytest.approx(train.mean(), rel=1e-6)
+    tf = np.load(tmp_path / "processed" / "toy" / "time.npy")
+    np.testing.assert_allclose(tf, time_features(df.index))
+    assert tf[per_day, 0] == 0.0 and tf[per_day, 1] == 1.0  # next midnight, Monday -> Tuesday
+
+
+def test_scaler_ignores_extreme_test_values(tmp_path):
+    """Leakage check: multiplying the val/test part by 1000 leaves the scaler unchanged."""
+    df = _write_city(tmp_path / "a")
+    base = prepare_dataset("toy", root=tmp_path, cities={"toy": {"directory": "a", "series": "series.csv",
+                                                                   "graph": "adj.csv", "graph_format": "dense"}},
+                           use_processed=False)
+    df.iloc[210:] *= 1000
+    df.to_csv(tmp_path / "a" / "series.csv")
+    spiked = prepare_dataset("toy", root=tmp_path, cities={"toy": {"directory": "a", "series": "series.csv",
+                                                                     "graph": "adj.csv", "graph_format": "dense"}},
+                             use_processed=False)
+    assert spiked.scaler == base.scaler
+    assert spiked.target[-1].max() > 1000
+
+
+def test_missing_locations_warn_with_names(tmp_path):
+    _write_city(tmp_path / "raw")
+    loc = pd.read_csv(tmp_path / "raw" / "locations.csv", index_col=0)
+    loc.iloc[:3].to_csv(tmp_path / "raw" / "locations.csv")
+    with pytest.warns(UserWarning, match="s3"):
+        prepare_dataset("toy", root=tmp_path, use_processed=False,
+                        cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
+                                        "graph_format": "dense", "locations": "locations.csv"}})
+
+
+# ----------------------------------------------------------------------------- bad input through the CLI
+def _run_bad(tmp_path, params: Path, *extra):
+    result = CliRunner().invoke(cli, ["prepare", "--city", "toy", "--params", str(params), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("graphtune: error:"), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "processed" / "toy").exists()
+    return lines[0]
+
+
+def test_bad_unknown_city(tmp_path):
+    params = _params(tmp_path, tmp_path / "raw")
+    result = CliRunner().invoke(cli, ["prepare", "--city", "atlantis", "--params", str(params)])
+    assert result.exit_code == 2 and "unknown city 'atlantis'" in result.output and "metr-la" in result.output
+
+
+def test_bad_missing_file(tmp_path):
+    _write_city(tmp_path / "raw")
+    (tmp_path / "raw" / "adj.csv").unlink()
+    assert "adj.csv" in _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+
+
+def test_bad_unreadable_file(tmp_path):
+    _write_city(tmp_path / "raw")
+    (tmp_path / "raw" / "series.h5").write_bytes(b"not an hdf5 file")
+    assert "series.h5" in _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw", series="series.h5"))
+
+
+def test_bad_sensor_mismatch(tmp_path):
+    _write_city(tmp_path / "raw", n=4)
+    np.savetxt(tmp_path / "raw" / "adj.csv", np.eye(5), delimiter=",")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "adj.csv" in msg
+
+
+def test_bad_graph_not_square(tmp_path):
+    _write_city(tmp_path / "raw")
+    np.savetxt(tmp_path / "raw" / "adj.csv", np.ones((4, 3)), delimiter=",")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "adj.csv" in msg and "square" in msg
+
+
+@pytest.mark.parametrize("bad,word", [(np.nan, "NaN"), (np.inf, "inf")])
+def test_bad_nan_or_inf_series(tmp_path, bad, word):
+    df = _write_city(tmp_path / "raw")
+    df.iloc[10, 2] = bad
+    df.to_csv(tmp_path / "raw" / "series.csv")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "series.csv" in msg and word.lower() in msg.lower()
+
+
+def test_nan_allowed_when_city_says_it_means_missing(tmp_path):
+    df = _write_city(tmp_path / "raw")
+    df.iloc[10, 2] = np.nan
+    df.to_csv(tmp_path / "raw" / "series.csv")
+    b = prepare_dataset("toy", root=tmp_path, use_processed=False,
+                        cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
+                                        "graph_format": "dense", "nan_as_missing": True}})
+    assert np.isnan(b.target[10, 2]) and b.values[10, 2] == 0.0
+
+
+def test_bad_nan_in_graph(tmp_path):
+    _write_city(tmp_path / "raw")
+    adj = np.eye(4)
+    adj[0, 1] = np.nan
+    np.savetxt(tmp_path / "raw" / "adj.csv", adj, delimiter=",")
+    assert "adj.csv" in _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+
+
+def test_bad_too_short_for_one_window(tmp_path):
+    _write_city(tmp_path / "raw", t=60)
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "fewer than one window" in msg and "toy" in msg
+
+
+def test_bad_irregular_interval(tmp_path):
+    df = _write_city(tmp_path / "raw")
+    df.index = df.index.where(df.index != df.index[7], df.index[7] + pd.Timedelta(minutes=4))  # off the grid
+    df.to_csv(tmp_path / "raw" / "series.csv")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "series.csv" in msg and "cannot infer the sampling interval" in msg
+
+
+def test_bad_skipped_steps_unless_filled(tmp_path):
+    df = _write_city(tmp_path / "raw")
+    df.drop(df.index[[5, 17, 40]]).to_csv(tmp_path / "raw" / "series.csv")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert "series.csv" in msg and "skip 3 steps" in msg
+    with pytest.warns(UserWarning, match="inserted as missing"):
+        b = prepare_dataset("toy", root=tmp_path, use_processed=False,
+                            cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
+                                            "graph_format": "dense", "series_options": {"fill_gaps": True},
+                                            "nan_as_missing": True}})
+    assert b.num_steps == 300 and bool(torch.isnan(b.target[5]).all()) and b.values[5].abs().sum() == 0
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="prepare.split"):
+        prepare_dataset("metr-la-week", root=REPO, split=(0.8, 0.3, 0.1))
+    with pytest.raises(ConfigError, match="prepare.t_in"):
+        prepare_dataset("metr-la-week", root=REPO, t_in=0)
+    with pytest.raises(ConfigError, match="data_source"):
+        prepare_dataset("metr-la-week", root=REPO, data_source="ftp")
+
+
+def test_offline_auto_names_the_files(tmp_path):
+    with pytest.raises(DataError, match="metr-la.h5"):
+        prepare_dataset("metr-la", root=tmp_path, data_source="local")

@@ -1,0 +1,67 @@
+"""Project plumbing: pins agree, the CLI documents every option, local state stays out of git."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import yaml
+from click.testing import CliRunner
+
+from graphtune.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _requirements() -> list[str]:
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_requirements_are_exact_pins_and_torch_is_cpu_pinned():
+    reqs = _requirements()
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-+]+", r) for r in reqs), reqs
+    assert "torch==2.13.0" in reqs
+
+
+def test_conda_yaml_mirrors_requirements():
+    env = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert [p for p in pip if not p.startswith("-e")] == _requirements()
+
+
+def test_dvc_analytics_off_and_local_state_ignored():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert re.search(r"analytics\s*=\s*false", config)
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in (".venv/", "mlflow.db", "mlruns/"):
+        assert entry in ignored
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+
+
+def test_every_command_and_option_has_help():
+    runner = CliRunner()
+    top = runner.invoke(cli, ["--help"])
+    assert top.exit_code == 0
+    for path, cmd in _commands(cli):
+        assert cmd.help, f"command {' '.join(path)} has no help text"
+        assert path[-1] in top.output
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name not in ("help",):
+                assert param.help, f"option {param.opts} of {' '.join(path)} has no help"
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+def test_mlproject_entry_points_are_typed():
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    for name, entry in project["entry_points"].items():
+        for pname, spec in entry.get("parameters", {}).items():
+            assert isinstance(spec, dict) and "type" in spec, f"{name}.{pname} has no type"
