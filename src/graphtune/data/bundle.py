@@ -97,10 +97,6 @@ class DatasetBundle:
         """Number of time-of-day slots (288 at 5 minutes); models use it to embed time of day."""
         return max(1, int(round(1440.0 / self.interval_minutes)))
 
-    def horizon_minutes(self, horizon: int) -> float:
-        """Minutes ahead of horizon `horizon` (1-based): horizon 3 at 5-minute sampling = 15 min."""
-        return horizon * self.interval_minutes
-
     # ----------------------------------------------------------------- windows
     def window_starts(self, split: str) -> torch.Tensor:
         """Start indices of every window whose inputs and targets lie inside `split`.

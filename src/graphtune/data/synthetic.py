@@ -68,7 +68,7 @@ def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t
     scaler = Scaler.fit(raw[:t1])
     index = pd.date_range("2024-01-01", periods=num_steps, freq=pd.Timedelta(minutes=interval_minutes))
     tod = ((index.hour * 60 + index.minute) / 1440.0).to_numpy(np.float32)
-    dow = index.dayofweek.to_numpy().astype(np.float32)
+    dow = index.day_of_week.to_numpy().astype(np.float32)
     return DatasetBundle(
         name=name or f"synthetic-{num_nodes}",
         values=torch.from_numpy(scaler.transform(raw).astype(np.float32)),

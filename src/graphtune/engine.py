@@ -1,0 +1,185 @@
+"""Training and evaluation loops: `fit` and `evaluate`. No MLflow and no file I/O here.
+
+Models map x (B, T_in, N, C) to scaled predictions (B, T_out, N). The loop inverse-scales
+predictions with the bundle's scaler and computes the masked MAE against raw targets, so the
+loss and the reported metrics are in the city's own units (mph, vehicles/5 min).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from graphtune.data.bundle import DatasetBundle
+from graphtune.errors import DataError
+from graphtune.metrics import MetricAccumulator, masked_mae_loss
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns. The model itself already holds `best_state` when fit returns."""
+
+    best_state: dict  # state_dict copy of the best-on-validation epoch (tensors on the training device)
+    best_epoch: int  # 1-based; 0 when nothing was trained
+    history: list[dict] = field(default_factory=list)  # one dict per epoch, see `fit`
+    train_time_s: float = 0.0  # wall time of the whole fit, validation included (synchronized on CUDA)
+    stopped_reason: str = "completed"  # completed | early_stopping | time_budget | no_trainable_parameters
+    steps: int = 0  # optimizer steps taken in total
+
+    @property
+    def best_val_mae(self) -> float:
+        return self.history[self.best_epoch - 1]["val_mae"] if self.best_epoch else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bundle: DatasetBundle, split: str, *, batch_size: int = 64, device="cpu",
+             starts: torch.Tensor | None = None) -> dict[str, float]:
+    """Masked metrics of `model` on `split` (or on the windows `starts`), in raw units.
+
+    Returns MetricAccumulator.compute(): mae, rmse, mape (percent), and the same at horizons 3/6/12.
+    The model is moved to `device`; its train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.to(device).eval()
+    acc = MetricAccumulator(null_value=bundle.null_value)
+    for x, y in bundle.loader(split, batch_size=batch_size, starts=starts):
+        pred = model(x.to(device))  # (B, T_out, N) scaled
+        acc.update(bundle.scaler.inverse_transform(pred.float()), y.to(device))
+    model.train(was_training)
+    return acc.compute()
+
+
+def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
+        weight_decay: float = 1e-4,  # Graph WaveNet's setting; mild regularisation for every model
+        batch_size: int = 64,  # the DCRNN/GWNet protocol
+        clip_grad: float | None = 5.0,  # GWNet/DCRNN clip norm; keeps recurrent models stable
+        seed: int = 0, device="cpu",
+        train_starts: torch.Tensor | None = None, max_steps_per_epoch: int | None = None,
+        patience: int | None = None, time_budget_s: float | None = None, amp: bool | None = None,
+        progress: bool | None = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Train with Adam on the masked MAE (raw units) and keep the best-on-validation weights.
+
+    - train_starts: train only on these window starts (few-shot subset); default every train window.
+    - max_steps_per_epoch: cap optimizer steps per epoch (budgeted fine-tuning).
+    - patience: stop after this many epochs without a lower validation MAE.
+    - time_budget_s: stop once the fit has run this long; checked after every step (against the host
+      clock, without a CUDA sync) and after every validation, so the overrun is at most about one step
+      plus the validation of the interrupted epoch.
+    - amp: mixed precision (bfloat16 autocast, or float16 with a gradient scaler where the GPU lacks
+      bfloat16); None = on for CUDA only.
+    - progress: tqdm bar over steps; None = only when stderr is a terminal.
+    - on_epoch_end(epoch, entry): called with each history entry: epoch (1-based), train_loss
+      (mean batch loss), val_mae, val_rmse, epoch_time_s (train + validation), val_time_s, steps.
+
+    Same seed, same data, same device (CPU) -> identical history.
+    """
+    torch.manual_seed(seed)  # dropout and any sampling inside the model
+    device = torch.device(device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:  # e.g. the historical average: nothing to optimize
+        return FitResult(best_state=_copy_state(model), best_epoch=0, stopped_reason="no_trainable_parameters")
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    step_fn = _TrainStep(model, bundle, optimizer, device, clip_grad, amp)
+    loader = bundle.loader("train", batch_size=batch_size, shuffle=True, seed=seed, starts=train_starts)
+    if loader.num_samples == 0:
+        raise DataError(f"{bundle.name}: no training windows to fit on (train split shorter than "
+                        f"T_in + T_out = {bundle.t_in + bundle.t_out} steps, or empty train_starts)")
+    steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not _show_progress(progress), unit="step", leave=False)
+    result = FitResult(best_state=_copy_state(model), best_epoch=0)
+    start, best_key, stale = _clock(device), math.inf, 0
+    for epoch in range(1, epochs + 1):
+        epoch_start = _clock(device)
+        losses = []
+        for x, y in loader:
+            losses.append(step_fn(x, y))
+            bar.update(1)
+            over_time = time_budget_s is not None and time.perf_counter() - start > time_budget_s
+            if len(losses) >= steps_per_epoch or over_time:
+                break
+        val_start = _clock(device)
+        val = evaluate(model, bundle, "val", batch_size=batch_size, device=device)
+        now = _clock(device)
+        entry = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), "val_mae": val["mae"],
+                 "val_rmse": val["rmse"], "epoch_time_s": now - epoch_start, "val_time_s": now - val_start,
+                 "steps": len(losses)}
+        result.history.append(entry)
+        result.steps += len(losses)
+        bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
+        key = math.inf if math.isnan(val["mae"]) else val["mae"]  # an all-missing val split never "improves"
+        if result.best_epoch == 0 or key < best_key:
+            result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, key, 0
+        else:
+            stale += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, entry)
+        if time_budget_s is not None and now - start > time_budget_s:
+            result.stopped_reason = "time_budget"
+            break
+        if patience is not None and stale >= patience:
+            result.stopped_reason = "early_stopping"
+            break
+    bar.close()
+    model.load_state_dict(result.best_state)
+    result.train_time_s = _clock(device) - start
+    return result
+
+
+class _TrainStep:
+    """One optimizer step: forward (with teacher-forcing targets if the model takes them), masked MAE
+    on inverse-scaled predictions, backward, clip, step. Returns the detached loss (no host sync)."""
+
+    def __init__(self, model: nn.Module, bundle: DatasetBundle, optimizer: torch.optim.Optimizer,
+                 device: torch.device, clip_grad: float | None, amp: bool | None):
+        self.model, self.bundle, self.optimizer = model, bundle, optimizer
+        self.device, self.clip_grad = device, clip_grad
+        self.takes_targets = "targets" in inspect.signature(model.forward).parameters
+        use_amp = device.type == "cuda" if amp is None else amp
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.use_amp = use_amp
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none
+        self.grad_scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not bf16)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.to(self.device), y.to(self.device)  # (B, T_in, N, C), (B, T_out, N) raw, NaN = missing
+        kwargs = {}
+        if self.takes_targets:  # scaled, missing -> 0.0 (the train mean), like the inputs
+            kwargs["targets"] = torch.nan_to_num(self.bundle.scaler.transform(y), nan=0.0)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.use_amp):
+            pred = self.model(x, **kwargs)  # (B, T_out, N) scaled
+        loss = masked_mae_loss(self.bundle.scaler.inverse_transform(pred.float()), y, self.bundle.null_value)
+        self.grad_scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.grad_scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return loss.detach()
+
+
+def _copy_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after waiting for queued CUDA work, so GPU time is not under-counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
