@@ -1,0 +1,15 @@
+"""Forecasting models, registered by name. Importing this package registers every model module."""
+
+from graphtune.models import baseline, bigst, dcrnn, dgcrn, gwnet, hypernet  # noqa: F401  (registration)
+from graphtune.models.registry import build_model, list_models, model_defaults, register_model
+from graphtune.models.transfer import TransferReport, load_partial_state, transferable_share
+
+__all__ = [
+    "register_model",
+    "build_model",
+    "list_models",
+    "model_defaults",
+    "load_partial_state",
+    "transferable_share",
+    "TransferReport",
+]

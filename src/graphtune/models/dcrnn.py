@@ -1,0 +1,172 @@
+"""DCRNN: Diffusion Convolutional Recurrent Neural Network (Li, Yu, Shahabi, Liu; ICLR 2018).
+
+A sequence-to-sequence GRU whose matrix products are diffusion convolutions over the road graph.
+The encoder reads T_in steps of (scaled value, time of day); the decoder starts from a GO symbol of
+zeros and feeds back its own prediction, or, while training, the true value with a probability that
+decays with the number of batches seen (scheduled sampling, inverse sigmoid decay).
+
+Diffusion convolution of Z (N, F) over the dual random-walk supports P_f = D_out^-1 A and
+P_b = D_in^-1 A^T, K steps each (the paper's random-walk series, not the Chebyshev recursion):
+
+    [Z, P_f^T Z, (P_f^T)^2 Z, ..., P_b^T Z, (P_b^T)^2 Z, ...] @ W + b
+
+Every weight is shared by all nodes, so the model holds no node-specific parameter: the same
+weights run on any graph. The supports are non-persistent buffers (`node_supports`), rebuilt from
+the adjacency of whichever city the model is built for and never saved in the state dict.
+
+Inside the recurrence the node axis comes first, (N, B, F), so one diffusion step over all
+batch elements and features is a single (N, N) @ (N, B * F) matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphtune.models.layers import random_walk_supports
+from graphtune.models.registry import register_model
+
+
+def teacher_forcing_probability(batches_seen: int, decay_steps: float) -> float:
+    """Scheduled-sampling probability of feeding the true value: k / (k + exp(batches_seen / k)).
+
+    The inverse sigmoid decay of Bengio et al. (2015) as used by DCRNN: close to 1 at the start,
+    one half near batches_seen = k * ln(k), then towards 0.
+    """
+    exponent = batches_seen / decay_steps
+    if exponent > 700.0:  # exp would overflow a float; the probability is 0 to double precision anyway
+        return 0.0
+    return decay_steps / (decay_steps + math.exp(exponent))
+
+
+def diffuse(z: torch.Tensor, supports_t: torch.Tensor, steps: int) -> torch.Tensor:
+    """The diffusion series of z (N, B, F): [z, S_1 z, ..., S_1^K z, S_2 z, ...] -> (N, B, (1 + S * K) * F).
+
+    `supports_t` (S, N, N) holds the transposed transition matrices P^T, so S z sends features along
+    the out-edges (the convention of graphtune.models.layers.propagate).
+    """
+    n, b, f = z.shape
+    flat = z.reshape(n, b * f)  # (N, B * F)
+    terms = [z]
+    for support in supports_t:
+        h = flat
+        for _ in range(steps):
+            h = support @ h  # (N, B * F)
+            terms.append(h.view(n, b, f))
+    return torch.cat(terms, dim=-1)  # (N, B, M * F): contiguous F-blocks copy fast, unlike a stack on the last axis
+
+
+def linear_of_concat(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """linear(cat([a, b], -1)) without materialising the concatenation (the largest copy of a step)."""
+    split = a.shape[-1]
+    return F.linear(a, linear.weight[:, :split], linear.bias) + F.linear(b, linear.weight[:, split:])
+
+
+class DCGRUCell(nn.Module):
+    """A GRU cell whose gates and candidate are diffusion convolutions of [input, state]."""
+
+    def __init__(self, input_size: int, hidden: int, num_supports: int, diffusion_steps: int):
+        super().__init__()
+        self.hidden = hidden
+        self.diffusion_steps = diffusion_steps
+        num_matrices = 1 + num_supports * diffusion_steps
+        self.gates = nn.Linear((input_size + hidden) * num_matrices, 2 * hidden)  # reset and update
+        self.candidate = nn.Linear((input_size + hidden) * num_matrices, hidden)
+        for linear in (self.gates, self.candidate):
+            nn.init.xavier_normal_(linear.weight)  # as the reference implementation
+        nn.init.constant_(self.gates.bias, 1.0)  # as the reference: gates start near 0.73, favouring the old state
+        nn.init.zeros_(self.candidate.bias)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, supports_t: torch.Tensor) -> torch.Tensor:
+        """x (N, B, C_in), h (N, B, H) -> new state (N, B, H)."""
+        dx = diffuse(x, supports_t, self.diffusion_steps)  # (N, B, M * C_in), shared by gates and candidate
+        dh = diffuse(h, supports_t, self.diffusion_steps)  # (N, B, M * H)
+        reset, update = torch.sigmoid(linear_of_concat(self.gates, dx, dh)).chunk(2, dim=-1)
+        d_reset = diffuse(reset * h, supports_t, self.diffusion_steps)  # (N, B, M * H)
+        candidate = torch.tanh(linear_of_concat(self.candidate, dx, d_reset))  # (N, B, H)
+        return update * h + (1.0 - update) * candidate
+
+
+class DCRNN(nn.Module):
+    """Encoder-decoder of stacked DCGRU cells; forward(x, targets=None) -> (B, T_out, N) scaled predictions."""
+
+    def __init__(self, supports: list[torch.Tensor], *, t_out: int, input_size: int, hidden: int, num_layers: int,
+                 diffusion_steps: int, cl_decay_steps: float):
+        super().__init__()
+        self.t_out = t_out
+        self.input_size = input_size
+        self.num_layers = num_layers
+        self.hidden = hidden
+        self.cl_decay_steps = cl_decay_steps
+        self.batches_seen = 0  # plain attribute: training forwards so far, drives scheduled sampling
+        # (S, N, N) transposed transition matrices; non-persistent so no node-count-shaped tensor is saved
+        self.register_buffer("node_supports", torch.stack([p.t() for p in supports]).contiguous(), persistent=False)
+        num_supports = len(supports)
+        self.encoder = nn.ModuleList(
+            DCGRUCell(input_size if i == 0 else hidden, hidden, num_supports, diffusion_steps)
+            for i in range(num_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DCGRUCell(1 if i == 0 else hidden, hidden, num_supports, diffusion_steps) for i in range(num_layers)
+        )
+        self.projection = nn.Linear(hidden, 1)  # last decoder state -> scaled value
+
+    def teacher_forcing_probability(self) -> float:
+        return teacher_forcing_probability(self.batches_seen, self.cl_decay_steps)
+
+    def _step(self, cells: nn.ModuleList, inputs: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """Run one time step through the stacked cells, updating `states` in place; returns the top state."""
+        for i, cell in enumerate(cells):
+            states[i] = cell(inputs, states[i], self.node_supports)
+            inputs = states[i]
+        return inputs
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T_in, N, C) with C >= 2 (value, time of day, ...); targets (B, T_out, N) scaled, NaN = missing."""
+        b, t_in, n, _ = x.shape
+        inputs = x[..., : self.input_size].permute(1, 2, 0, 3)  # (T_in, N, B, input_size)
+        states = [x.new_zeros(n, b, self.hidden) for _ in range(self.num_layers)]
+        for t in range(t_in):
+            self._step(self.encoder, inputs[t], states)
+
+        teacher = None
+        if self.training:
+            p_teacher = self.teacher_forcing_probability()
+            self.batches_seen += 1
+            if targets is not None:
+                teacher = torch.nan_to_num(targets, nan=0.0).permute(1, 2, 0).unsqueeze(-1)  # (T_out, N, B, 1)
+        decoder_input = x.new_zeros(n, b, 1)  # the GO symbol
+        outputs = []
+        for t in range(self.t_out):
+            top = self._step(self.decoder, decoder_input, states)
+            prediction = self.projection(top)  # (N, B, 1)
+            outputs.append(prediction)
+            decoder_input = prediction
+            # one coin per step for the whole batch, as in the reference implementation
+            if teacher is not None and torch.rand(()).item() < p_teacher:
+                decoder_input = teacher[t]
+        return torch.stack(outputs).squeeze(-1).permute(2, 0, 1)  # (T_out, N, B) -> (B, T_out, N)
+
+
+@register_model("dcrnn")
+def dcrnn(
+    bundle,
+    *,
+    hidden: int = 32,  # the paper uses 64; 32 keeps a 2-layer model trainable on 2 CPU cores in minutes
+    num_layers: int = 2,  # the paper's depth for METR-LA and PEMS-BAY
+    diffusion_steps: int = 2,  # K = 2 random-walk steps per direction, as in the paper
+    cl_decay_steps: float = 100.0,  # paper: 2000 for ~15k batches; 100 halves teacher forcing near 460 batches
+) -> DCRNN:
+    """DCRNN for `bundle`'s graph. Reads value and time of day (channels 0, 1) like the paper; not day of week."""
+    return DCRNN(
+        random_walk_supports(bundle.adj),
+        t_out=bundle.t_out,
+        input_size=2,
+        hidden=hidden,
+        num_layers=num_layers,
+        diffusion_steps=diffusion_steps,
+        cl_decay_steps=cl_decay_steps,
+    )
