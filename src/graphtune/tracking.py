@@ -1,0 +1,727 @@
+"""MLflow tracking: the only module in GraphTune that imports mlflow.
+
+Run structure (what `compare.py` and the MLflow UI rely on)::
+
+    experiment run          graphtune.kind=experiment   one per (model, strategy, datasets, seed)
+      stage run             graphtune.kind=stage        stage 0 = pretrain on the first city,
+                                                        stage k = transfer to city k
+        budget run          graphtune.kind=budget       one per fine-tuning budget fraction
+
+Every run carries `graphtune.model`, `graphtune.strategy`, `graphtune.datasets` and `graphtune.seed`
+tags (build them with `graphtune_tags`); stage and budget runs add `graphtune.stage` and
+`graphtune.city`, budget runs `graphtune.fraction`. Top-level runs also get `git.commit` and
+`git.dirty` automatically; `dvc.data_hashes` and `device` are passed in by the caller.
+
+Nested runs are in-process (`mlflow.start_run(nested=True)`), each started in the parent's
+experiment. Params, metrics and tags go through `MlflowClient.log_batch` against the run's id: one
+call per dict instead of one per value (100 metrics on a sqlite store: 0.09 s batched, 2.9 s
+one call each, as each call is a committed transaction).
+
+Stores. The default is `sqlite:///mlflow.db` (MLflow 3 refuses to open its plain file store).
+For a sqlite store the artifacts live next to the database, in `<db folder>/mlartifacts/<experiment>`,
+not in MLflow's default `./mlruns` of whatever folder the process happens to start in. An http(s)
+URI talks to an `mlflow server`, which decides where artifacts go.
+
+Importing this module imports mlflow (slow, a few seconds); `graphtune/__init__.py` never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+# MLflow asks GitPython for the source commit of every run; without a git executable GitPython
+# would warn (or raise) on import. "quiet" keeps it silent; a caller's own setting wins.
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from graphtune.errors import ConfigError  # noqa: E402
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; the file store is refused
+DEFAULT_EXPERIMENT = "graphtune"  # what compare.leaderboard reads by default
+
+# MLflow's limits (mlflow.utils.validation); longer values are rejected, so we truncate first.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+
+RUN_KINDS = ("experiment", "stage", "budget")
+TAG_KIND = "graphtune.kind"
+TAG_MODEL = "graphtune.model"
+TAG_STRATEGY = "graphtune.strategy"
+TAG_DATASETS = "graphtune.datasets"
+TAG_SEED = "graphtune.seed"
+TAG_STAGE = "graphtune.stage"
+TAG_CITY = "graphtune.city"
+TAG_FRACTION = "graphtune.fraction"
+TAG_ERROR = "graphtune.error"  # "TypeName: message" of the exception that ended a run FAILED/KILLED
+
+# Characters MLflow accepts in param/metric keys on every OS (colons only outside Windows).
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived during a tracked run (a `timeout`, a CI cancel, `kill`).
+
+    Raised from the signal handler that the outermost Tracker.run installs (when the process has
+    no SIGTERM handler of its own), so the stack unwinds, every open run ends KILLED, and the
+    process then exits with the conventional code 128 + 15 = 143, as it would have without us.
+    """
+
+    def __str__(self) -> str:
+        return f"SIGTERM (exit code {self.code})"
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict:
+    """Nested mappings (and dataclass instances) -> one flat dict with "."-joined keys.
+
+    flatten({"model": {"hidden": 32, "k": [1, 2]}, "lr": 0.01})
+    == {"model.hidden": 32, "model.k": [1, 2], "lr": 0.01}
+
+    Leaves (lists included) are kept as they are; an empty mapping stays a leaf ({}), so that a
+    section that is present but empty is still visible among the params.
+    """
+    flat: dict = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def graphtune_tags(
+    kind: str,
+    *,
+    model: str,
+    strategy: str,
+    datasets: str | list[str] | tuple[str, ...],
+    seed: int,
+    stage: int | None = None,
+    city: str | None = None,
+    fraction: float | None = None,
+) -> dict[str, str]:
+    """The standard `graphtune.*` tags of one run (see the module docstring for which run gets which)."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"run kind must be one of {RUN_KINDS}, got {kind!r}")
+    if not isinstance(datasets, str):
+        datasets = ",".join(datasets)
+    tags = {
+        TAG_KIND: kind,
+        TAG_MODEL: model,
+        TAG_STRATEGY: strategy,
+        TAG_DATASETS: datasets,
+        TAG_SEED: str(seed),
+    }
+    if stage is not None:
+        tags[TAG_STAGE] = str(int(stage))
+    if city is not None:
+        tags[TAG_CITY] = city
+    if fraction is not None:
+        tags[TAG_FRACTION] = repr(float(fraction))  # repr: 0.1 stays "0.1", never "0.10000000000000001"
+    return tags
+
+
+def git_info(path: str | os.PathLike = ".") -> dict[str, str]:
+    """{"git.commit": HEAD sha or "unknown", "git.dirty": "true" | "false" | "unknown"} for `path`.
+
+    "unknown" when `path` is not inside a git checkout, the checkout has no commit yet, or git is
+    not installed. Dirty means `git status --porcelain` lists anything (untracked files included).
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args],
+                cwd=path,
+                capture_output=True,
+                text=True,
+                timeout=10,  # a network filesystem can stall git; a tag is not worth waiting longer
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if not commit:
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    status = git("status", "--porcelain")
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {"git.commit": commit, "git.dirty": dirty}
+
+
+def resolve_tracking_uri(tracking_uri: str | os.PathLike | None = None) -> str:
+    """The store to use: the argument, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+
+    A relative sqlite path is made absolute (against the current folder, now), so that the same
+    store is used however the process changes folder later. A bare path ending in .db/.sqlite is
+    taken as a sqlite file. MLflow's plain file store (a folder or a file: URI) is refused.
+    """
+    uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///"):
+        path, _, query = uri[len("sqlite:///") :].partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            path = str(Path(path).resolve())
+        return f"sqlite:///{path}" + (f"?{query}" if query else "")
+    if "://" not in uri and uri not in ("databricks",):
+        if uri.endswith((".db", ".sqlite")):
+            return f"sqlite:///{Path(uri).resolve()}"
+        raise ConfigError(
+            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
+            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
+        )
+    if uri.startswith("file:"):
+        raise ConfigError(
+            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
+            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
+        )
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a resolved sqlite URI, None for any other store or an in-memory one."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].partition("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _artifact_location(uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite file; the server decides otherwise."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    folder = re.sub(r"[^\w.\-]", "_", experiment_name)
+    return (db.parent / "mlartifacts" / folder).as_uri()
+
+
+def _key(key: Any) -> str:
+    """A key MLflow accepts: forbidden characters -> "_", at most MLflow's key length."""
+    return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
+
+
+def _json_default(obj: Any) -> Any:
+    """json.dumps fallback for the values a training loop produces (numpy, torch, paths, dataclasses)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    return str(obj)
+
+
+def _to_text(value: Any, limit: int, json_containers: bool = False) -> str:
+    """A param/tag value as MLflow stores it: str(value) truncated to MLflow's limit.
+
+    json_containers: mappings and lists as compact JSON instead (tags such as dvc.data_hashes,
+    which tools read back); params keep str(), e.g. "[0.1, 0.5]", as they are read by people.
+    """
+    if json_containers and isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, default=_json_default, separators=(",", ":"))[:limit]
+    return str(value)[:limit]
+
+
+def _to_float(key: str, value: Any) -> float | None:
+    """A metric value as a float; None for a missing (None) or NaN value, which is not logged.
+
+    Infinity is kept (a diverged loss is a result worth seeing); anything that is not a number
+    (a string, a tensor with more than one element) is a bug in the caller and raises.
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)  # bool, int, numpy scalar, 0-d / 1-element tensor
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
+    return None if math.isnan(number) else number
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, search_runs) at `uri`, and back afterwards.
+
+    mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI; that variable is put back exactly as
+    it was (or removed), so that a later Tracker() resolves the store the caller configured rather
+    than whatever MLflow's global held last.
+    """
+    previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+@contextmanager
+def _noop() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable (an MLflow switch read at call time) for the block only."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into a Terminated exception for the block (main thread, default handler only)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _new_client(uri: str) -> MlflowClient:
+    with warnings.catch_warnings():
+        # MLflow's sqlite store trips a SQLAlchemy deprecation warning on creation: nothing a
+        # GraphTune user can act on, and shown by the CLI's "default" warning filter otherwise.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
+        return MlflowClient(tracking_uri=uri)
+
+
+def _is_missing(exc: MlflowException) -> bool:
+    """Whether MLflow answered "no such run" (sqlite and REST stores say it in one of two ways)."""
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker
+# ---------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """Runs, params, metrics and artifacts of one experiment, in one MLflow store.
+
+        tracker = Tracker()                        # sqlite:///mlflow.db unless $MLFLOW_TRACKING_URI
+        with tracker.run("gwnet-finetune-s0", tags=graphtune_tags("experiment", ...), params=cfg):
+            with tracker.run("stage1-pems-bay", nested=True, tags=...):
+                tracker.log_history(history, prefix="train/")
+            tracker.log_metrics({"S_uep": 0.71})
+
+    Logging methods write to the innermost run opened by this tracker and raise RuntimeError
+    outside any run (`log_metrics_to` takes an explicit run id instead).
+
+    tracking_uri     None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (see resolve_tracking_uri).
+    experiment_name  created on first use; one experiment for all runs, so the leaderboard sees them.
+    system_metrics   MLflow's sampler on top-level runs (a thread reading psutil/pynvml every 10 s,
+                     or $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL); off by default because the
+                     experiment already measures its own time and peak memory.
+    enabled          False: every method does nothing and `run` yields None, so library code can
+                     take a tracker unconditionally; nothing is read or written.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str = DEFAULT_EXPERIMENT,
+        system_metrics: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        if enabled and not experiment_name:
+            raise ConfigError("tracking experiment name: expected a non-empty string")
+        self.enabled = enabled
+        # Resolved now (a relative sqlite path is pinned to today's folder); a disabled tracker
+        # never touches a store, so a bad URI only matters if it is ever used to load something.
+        self.tracking_uri = resolve_tracking_uri(tracking_uri) if enabled else tracking_uri
+        self.experiment_name = experiment_name
+        self.system_metrics = system_metrics
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._run_ids: list[str] = []  # innermost last
+
+    # -- store ---------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            db = _sqlite_path(self.tracking_uri)
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its folder
+            self._client = _new_client(self.tracking_uri)
+        return self._client
+
+    @property
+    def active_run_id(self) -> str | None:
+        """The innermost run this tracker has open, None outside any run (or when disabled)."""
+        return self._run_ids[-1] if self._run_ids else None
+
+    def experiment_id(self) -> str:
+        """The id of `experiment_name`, created on first use (artifacts beside a sqlite store)."""
+        if self._experiment_id is not None:
+            return self._experiment_id
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=_artifact_location(self.tracking_uri, self.experiment_name),
+                )
+                return self._experiment_id
+            except MlflowException:
+                # Another process created it between our lookup and our create.
+                experiment = self.client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage != "active":
+            raise ConfigError(
+                f"tracking experiment {self.experiment_name!r} is deleted in {self.tracking_uri}; "
+                "restore it (mlflow experiments restore) or choose another experiment name"
+            )
+        self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    def _current(self, what: str) -> str:
+        if not self._run_ids:
+            raise RuntimeError(f"Tracker.{what} called outside Tracker.run")
+        return self._run_ids[-1]
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def run(
+        self,
+        name: str,
+        *,
+        tags: dict | None = None,
+        params: dict | None = None,
+        nested: bool = False,
+        description: str | None = None,
+    ) -> Iterator[str | None]:
+        """Open a run (nested under this tracker's current run if `nested`) and yield its id.
+
+        The run ends FINISHED when the block completes, FAILED when an exception leaves it,
+        KILLED on KeyboardInterrupt or SIGTERM (turned into `Terminated` while this tracker has a
+        run open, unless the process handles SIGTERM itself); the exception propagates, and a
+        `graphtune.error` tag records it. Any run opened inside this one and left open is ended
+        with the same status first, so no run is ever left RUNNING.
+
+        A top-level (not nested) run gets the `git.*` tags (the caller's tags win) and, with
+        `system_metrics`, MLflow's CPU/memory/GPU sampling. A nested run opened while this tracker
+        has none open nests under MLflow's active run, if any.
+        """
+        if not self.enabled:
+            yield None
+            return
+        first = not self._run_ids  # this tracker's first open run (it may still nest under another's)
+        if not nested and not first:
+            raise RuntimeError(f"Tracker.run({name!r}) inside the open run {self._run_ids[-1]}: pass nested=True")
+        # The code version belongs on top-level runs; nested ones inherit it through their parent.
+        all_tags = {} if nested else dict(git_info(Path(__file__).resolve().parent))
+        all_tags.update(tags or {})
+        all_tags = {_key(k): _to_text(v, MAX_TAG_VALUE, json_containers=True) for k, v in all_tags.items()}
+
+        with ExitStack() as scope:
+            if first:  # for the whole tree of runs: MLflow's fluent API on our store, SIGTERM unwinds
+                scope.enter_context(_global_tracking_uri(self.tracking_uri))
+                scope.enter_context(_sigterm_unwinds())
+            active = mlflow.start_run(
+                experiment_id=self.experiment_id(),  # nested runs would otherwise land in experiment "0"
+                run_name=name,
+                nested=nested,
+                tags=all_tags,
+                description=description,
+                # True: on for this run; None: MLflow's own env switch decides; nested runs never
+                # sample (the parent's monitor already covers the whole process).
+                log_system_metrics=False if nested else (True if self.system_metrics else None),
+            )
+            run_id = active.info.run_id
+            self._run_ids.append(run_id)
+            status = RunStatus.FINISHED
+            try:
+                if params:
+                    self.log_params(params)
+                yield run_id
+            except (KeyboardInterrupt, Terminated) as exc:
+                status = RunStatus.KILLED
+                self._record_error(run_id, exc)
+                raise
+            except BaseException as exc:
+                status = RunStatus.FAILED
+                self._record_error(run_id, exc)
+                raise
+            finally:
+                self._run_ids.pop()
+                self._end(run_id, RunStatus.to_string(status))
+
+    def _record_error(self, run_id: str, exc: BaseException) -> None:
+        message = str(exc).strip().splitlines()
+        text = type(exc).__name__ + (f": {message[0]}" if message else "")
+        # Never let a failure to write the tag (store gone) hide the exception being raised.
+        with suppress(Exception):
+            self.client.set_tag(run_id, TAG_ERROR, text[:MAX_TAG_VALUE])
+
+    def _end(self, run_id: str, status: str) -> None:
+        """End `run_id` with `status`, ending first any run opened inside it and left open."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            return  # someone ended it already (mlflow.end_run in user code); keep their status
+        # Our run is still RUNNING, so it is still on MLflow's active-run stack, and whatever lies
+        # above it there was started after it: end those first, with the same status.
+        # Against a server MLflow prints two "View run ... at <url>" lines per ended run: keep
+        # them for top-level runs only (one link per experiment, not one per stage and budget).
+        nested = bool(self._run_ids)
+        with _env("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true") if nested else _noop():
+            while (active := mlflow.active_run()) is not None and active.info.run_id != run_id:
+                mlflow.end_run(status)
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status)
+            else:
+                self.client.set_terminated(run_id, status)
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def log_params(self, params: dict) -> None:
+        """Log a (nested) dict as params: keys "."-joined, values stringified and truncated; one batch."""
+        if not self.enabled:
+            return
+        run_id = self._current("log_params")
+        entries = [Param(_key(k), _to_text(v, MAX_PARAM_VALUE)) for k, v in flatten(params).items()]
+        self.client.log_batch(run_id, params=entries)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Log a (nested) dict of numbers at `step` (0 if None); None and NaN values are skipped."""
+        if not self.enabled:
+            return
+        run_id = self._current("log_metrics")
+        # log_batch chunks itself into MLflow's limit of 1000 metrics per request.
+        self.client.log_batch(run_id, metrics=self._metric_entries(metrics, step))
+
+    def log_metrics_to(self, run_id: str | None, metrics: dict, step: int | None = None) -> None:
+        """log_metrics into a given run of this store, open or already ended (e.g. a stage run whose
+        final score needs every later stage). None as run id (from a disabled tracker) does nothing."""
+        if not self.enabled or run_id is None:
+            return
+        self.client.log_batch(run_id, metrics=self._metric_entries(metrics, step))
+
+    def _metric_entries(self, metrics: dict, step: int | None) -> list[Metric]:
+        timestamp = _now_ms()
+        entries = []
+        for key, value in flatten(metrics).items():
+            number = _to_float(key, value)
+            if number is not None:
+                entries.append(Metric(_key(key), number, timestamp, int(step or 0)))
+        return entries
+
+    def log_history(self, history: list[dict], prefix: str = "") -> None:
+        """Per-epoch dicts -> metrics with step = the row's "epoch" (else its index), all in one batch.
+
+        log_history([{"epoch": 0, "loss": 0.9}, {"epoch": 1, "loss": 0.7}], prefix="train/")
+        logs train/loss at steps 0 and 1.
+        """
+        if not self.enabled:
+            return
+        run_id = self._current("log_history")
+        timestamp = _now_ms()
+        entries = []
+        for index, row in enumerate(history):
+            step = int(row.get("epoch", index))
+            for key, value in flatten(row).items():
+                if key == "epoch":
+                    continue
+                number = _to_float(key, value)
+                if number is not None:
+                    entries.append(Metric(_key(f"{prefix}{key}"), number, timestamp, step))
+        self.client.log_batch(run_id, metrics=entries)
+
+    def set_tags(self, tags: dict) -> None:
+        """Set tags on the current run; mappings and lists are stored as compact JSON."""
+        if not self.enabled:
+            return
+        run_id = self._current("set_tags")
+        entries = [RunTag(_key(k), _to_text(v, MAX_TAG_VALUE, json_containers=True)) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=entries)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Write `obj` as an artifact: YAML for a .yaml/.yml name, indented JSON otherwise."""
+        if not self.enabled:
+            return
+        run_id = self._current("log_dict")
+        text = json.dumps(obj, indent=2, default=_json_default)
+        if artifact_file.endswith((".yaml", ".yml")):
+            import yaml
+
+            text = yaml.safe_dump(json.loads(text), sort_keys=False)
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file (or a folder's contents) into the current run's artifacts, under `artifact_path`."""
+        if not self.enabled:
+            return
+        run_id = self._current("log_artifact")
+        local = Path(path)
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        elif local.is_file():
+            self.client.log_artifact(run_id, str(local), artifact_path)
+        else:
+            raise FileNotFoundError(f"artifact to log does not exist: {local}")
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        """Save a matplotlib figure as a PNG artifact (`artifact_file` may contain folders)."""
+        if not self.enabled:
+            return
+        if not artifact_file.endswith(".png"):
+            raise ValueError(f"log_figure writes PNG files; got artifact name {artifact_file!r}")
+        folder, _, filename = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / filename
+            fig.savefig(local, format="png", dpi=120, bbox_inches="tight")  # as plots.DPI: sharp, 15-40 kB
+            self.log_artifact(local, folder or None)
+
+    def log_checkpoint(self, state_dict: dict, name: str = "best.pt") -> None:
+        """torch.save `state_dict` and log it as the artifact `name` (read back with load_checkpoint)."""
+        if not self.enabled:
+            return
+        import torch
+
+        folder, _, filename = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / filename
+            torch.save(state_dict, local)
+            self.log_artifact(local, folder or None)
+
+    def load_checkpoint(self, run_id: str, name: str = "best.pt") -> dict:
+        """The checkpoint `name` of `run_id` in this tracker's store (works when disabled too)."""
+        return load_checkpoint(run_id, name, tracking_uri=self.tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the store
+# ---------------------------------------------------------------------------------------------
+
+
+def _client_for_reading(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """A client on an existing store; a sqlite file that does not exist is a ConfigError, not a new store."""
+    uri = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError(f"tracking store {uri}: no such sqlite file {db}")
+    return _new_client(uri), uri
+
+
+def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
+    """Whether `run_id` is a run (of any status) in the store; False if a sqlite store does not exist."""
+    db = _sqlite_path(resolve_tracking_uri(tracking_uri))
+    if db is not None and not db.is_file():
+        return False  # and do not create an empty store just to look into it
+    client, _ = _client_for_reading(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return False
+        raise
+    return True
+
+
+def load_checkpoint(run_id: str, name: str = "best.pt", tracking_uri: str | None = None) -> dict:
+    """Download the artifact `name` of `run_id` and torch.load it onto the CPU.
+
+    A run id the store does not know, or a run without that artifact, is a ConfigError naming it.
+    """
+    import torch
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if not run_exists(run_id, uri):
+        raise ConfigError(f"checkpoint run id {run_id!r}: no such run in tracking store {uri}")
+    client, _ = _client_for_reading(uri)
+    with tempfile.TemporaryDirectory() as tmp, _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        try:
+            local = client.download_artifacts(run_id, name, tmp)
+        except (MlflowException, OSError):
+            have = sorted(info.path for info in client.list_artifacts(run_id))
+            raise ConfigError(
+                f"checkpoint {name!r}: run {run_id} has no such artifact (it has: {', '.join(have) or 'none'})"
+            ) from None
+        # weights_only: a state dict is tensors and plain containers; never unpickle arbitrary code.
+        return torch.load(local, map_location="cpu", weights_only=True)
+
+
+def search_runs(
+    tracking_uri: str | None = None,
+    experiment_names: str | list[str] | tuple[str, ...] | None = None,
+    filter_string: str = "",
+    parent_run_id: str | None = None,
+) -> pd.DataFrame:
+    """mlflow.search_runs over the named experiments (all active ones if None) of a store.
+
+    Columns as MLflow gives them: run_id, status, start_time, ..., "metrics.<key>",
+    "params.<key>", "tags.<key>". `parent_run_id` keeps the runs nested directly under that run.
+    An experiment name the store does not have is a ConfigError listing the ones it has.
+    """
+    client, uri = _client_for_reading(tracking_uri)
+    existing = [e.name for e in client.search_experiments()]  # active experiments only
+    if experiment_names is None:
+        names = existing
+    else:
+        names = [experiment_names] if isinstance(experiment_names, str) else list(experiment_names)
+        missing = [n for n in names if n not in existing]
+        if missing:
+            raise ConfigError(
+                f"experiment {missing[0]!r}: not in tracking store {uri} (it has: {', '.join(existing) or 'none'})"
+            )
+    if not names:
+        return pd.DataFrame()
+    filters = [filter_string.strip()] if filter_string and filter_string.strip() else []
+    if parent_run_id:
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    with _global_tracking_uri(uri):
+        return mlflow.search_runs(
+            experiment_names=names,
+            filter_string=" AND ".join(filters),
+            output_format="pandas",
+        )
