@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export PATH := $(abspath $(BIN)):$(PATH)
 export GIT_PYTHON_REFRESH := quiet
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: help install run test test-fast bench repro ui clean
 
@@ -22,7 +23,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 install: $(BIN)/.installed  ## create .venv and install the pinned requirements and the package
 
 run: install  ## the main job on the embedded sample, tracked in MLflow (mlflow run . with defaults)
-	$(BIN)/mlflow run . --env-manager local $(MLFLOW_ARGS)
+	$(BIN)/mlflow run . --env-manager local --experiment-name graphtune $(MLFLOW_ARGS)
 
 test: install  ## the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

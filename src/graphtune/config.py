@@ -114,7 +114,7 @@ class TrackingConfig:
 class CompareConfig:
     """`compare:` which runs the leaderboard covers and where it is written."""
 
-    experiment_names: list[str] = field(default_factory=lambda: ["graphtune"])
+    experiment_names: list[str] = field(default_factory=list)  # empty = every experiment in the store
     filter: str = ""  # an MLflow search filter, e.g. "tags.`graphtune.datasets` = 'metr-la-west,metr-la-east'"
     output_dir: str = "outputs/compare"
 

@@ -1,0 +1,364 @@
+"""Run a tracked transfer experiment from typed params: the glue between stages, MLflow and files.
+
+    params (config.Params) -> check everything -> prepare bundles -> parent MLflow run
+        -> stages.run_experiment with a TrackingObserver (nested runs per stage and per budget
+           fraction, per-epoch metrics, live leaderboard) -> S_uep -> results.json / results.csv /
+           PNG plots in experiment.output_dir, logged as artifacts of the parent run.
+
+Every option is checked before any data is read or any run is opened, so bad input never leaves
+a run behind; a failure during training marks the open runs FAILED and writes no results files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from graphtune.budget import FEWSHOT_MODES
+from graphtune.compare import live_leaderboard
+from graphtune.config import Params
+from graphtune.data.bundle import DatasetBundle
+from graphtune.data.cities import get_city
+from graphtune.data.prepare import prepare_dataset
+from graphtune.errors import ConfigError
+from graphtune.metrics import HORIZONS
+from graphtune.models import model_defaults
+from graphtune.plots import leaderboard_png, transfer_curve_png
+from graphtune.score import ScoreWeights, budgets_from_config
+from graphtune.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
+                              check_curve, per_stage, resolve_device, run_experiment, score_stages)
+from graphtune.strategies import get_strategy
+from graphtune.tracking import Tracker, graphtune_tags, load_checkpoint, run_exists
+
+CHECKPOINT = "source_model.pt"  # artifact name of a stage's trained model (SourceModel.checkpoint())
+
+
+@dataclass
+class Plan:
+    """A fully checked experiment: everything run_experiment needs, derived from Params."""
+
+    datasets: list[str]
+    model: str
+    model_kwargs: dict
+    strategy: str
+    train: list[TrainSettings]
+    curve: CurveSettings
+    weights: ScoreWeights
+    budgets: dict
+    enforce_time_s: float | None
+    seed: int
+    device: str
+    name: str
+    source: SourceModel | None = None
+    source_ref: str = ""
+    explicit_transfer: list[str] = field(default_factory=list)
+
+
+def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source_ref: str = "",
+                    tracking_uri: str | None = None) -> Plan:
+    """Check every option and return the plan; raises ConfigError (naming the option) on bad input.
+
+    explicit_transfer: names of transfer-only options the user set explicitly (they need a target city).
+    source_ref: a pretrain run id or checkpoint path to fine-tune from (every dataset is then a target).
+    """
+    exp, tr, tf, bud, sc = params.experiment, params.train, params.transfer, params.budgets, params.score
+    datasets = [d for d in exp.datasets if d]
+    if not datasets:
+        raise ConfigError("experiment.datasets: expected at least one city")
+    for city in datasets:
+        get_city(city, params.cities)  # unknown city -> error listing the known ones
+    source = _load_source(source_ref, tracking_uri) if source_ref else None
+    n_targets = len(datasets) - (0 if source else 1)
+    if n_targets == 0 and explicit_transfer:
+        raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
+                          f"experiment.datasets (got only {datasets[0]})")
+    model = source.model if source else exp.model
+    defaults = model_defaults(model)  # unknown model -> error listing the registered ones
+    model_kwargs = dict(source.model_kwargs) if source else dict(exp.model_kwargs or {})
+    unknown = sorted(set(model_kwargs) - set(defaults))
+    if unknown:
+        raise ConfigError(f"experiment.model_kwargs: model {model!r} has no option(s) {', '.join(unknown)}; "
+                          f"its options are: {', '.join(sorted(defaults))}")
+    get_strategy(exp.strategy)
+    n = len(datasets)
+    epochs = per_stage(tr.epochs, n, "train.epochs")
+    lrs = per_stage(tr.lrs, n, "train.lrs")
+    for e in epochs:
+        if not isinstance(e, int) or e < 1:
+            raise ConfigError(f"train.epochs: expected positive integers, got {tr.epochs}")
+    for lr in lrs:
+        if not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(f"train.lrs: expected positive learning rates, got {tr.lrs}")
+    if tr.batch_size < 1:
+        raise ConfigError(f"train.batch_size: expected a positive integer, got {tr.batch_size}")
+    if tr.amp not in ("auto", "on", "off"):
+        raise ConfigError(f"train.amp: expected auto, on or off, got {tr.amp!r}")
+    if tf.fewshot_mode not in FEWSHOT_MODES:
+        raise ConfigError(f"transfer.fewshot_mode: expected one of {', '.join(FEWSHOT_MODES)}, got {tf.fewshot_mode!r}")
+    curve = CurveSettings(tuple(tf.fractions), tf.fewshot_mode, tf.min_gain_rate, tf.min_rel_improve, tf.patience)
+    check_curve(curve)
+    for key in ("mem_mb", "time_sec", "flops_g", "trainable_m"):
+        value = getattr(bud, key)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigError(f"budgets.{key}: expected a positive number or null, got {value!r}")
+    if bud.enforce and bud.time_sec is None:
+        raise ConfigError("budgets.enforce: enforcing budgets needs budgets.time_sec")
+    amp = {"auto": None, "on": True, "off": False}[tr.amp]
+    train = [TrainSettings(epochs=e, lr=float(lr), batch_size=tr.batch_size, weight_decay=tr.weight_decay,
+                           clip_grad=tr.clip_grad, patience=tr.early_stop_patience or None, amp=amp)
+             for e, lr in zip(epochs, lrs)]
+    weights = ScoreWeights(sc.w_perf, sc.w_transfer_auc, sc.w_eff, sc.w_budget, sc.alpha)
+    budgets = budgets_from_config(bud.mem_mb, bud.time_sec, bud.flops_g, bud.trainable_m)
+    name = exp.name or f"{model}-{exp.strategy}-{'-to-'.join(datasets)}-s{exp.seed}"
+    return Plan(datasets=datasets, model=model, model_kwargs=model_kwargs, strategy=exp.strategy, train=train,
+                curve=curve, weights=weights, budgets=budgets,
+                enforce_time_s=bud.time_sec if bud.enforce else None, seed=exp.seed,
+                device=resolve_device(exp.device), name=name, source=source, source_ref=source_ref,
+                explicit_transfer=list(explicit_transfer))
+
+
+def _load_source(ref: str, tracking_uri: str | None) -> SourceModel:
+    """A SourceModel from a checkpoint file or from the pretrain run `ref` in the tracking store."""
+    path = Path(ref)
+    if path.suffix == ".pt" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--from: checkpoint file {ref} not found")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (any unreadable file is the user's input)
+            raise ConfigError(f"--from: {ref} is not a GraphTune checkpoint ({type(err).__name__})") from None
+    else:
+        if not run_exists(ref, tracking_uri):
+            raise ConfigError(f"--from: no run with id {ref!r} in the tracking store {tracking_uri or ''}".rstrip())
+        data = load_checkpoint(ref, CHECKPOINT, tracking_uri=tracking_uri)
+    try:
+        return SourceModel(**data)
+    except TypeError:
+        raise ConfigError(f"--from: {ref} does not hold a GraphTune source model "
+                          f"(expected keys model, model_kwargs, state, city, sensor_ids)") from None
+
+
+# ----------------------------------------------------------------------------- observer
+class TrackingObserver(Observer):
+    """Turns stage-loop events into nested MLflow runs and prints the live leaderboard."""
+
+    def __init__(self, tracker: Tracker, plan: Plan, echo: Callable[[str], None], log_checkpoints: bool = True):
+        self.tracker, self.plan, self.echo, self.log_checkpoints = tracker, plan, echo, log_checkpoints
+        self.stage_runs: dict[int, str | None] = {}
+        self.last_source: SourceModel | None = None  # the latest stage's trained model
+        self.stages: list[StageResult] = []
+        self._index = 0
+
+    def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
+              **extra) -> dict:
+        p = self.plan
+        tags = graphtune_tags(kind, model=p.model, strategy=p.strategy, datasets=p.datasets, seed=p.seed,
+                              stage=stage, city=city, fraction=fraction)
+        return tags | {k: str(v) for k, v in extra.items()}
+
+    def stage(self, index, kind, city):
+        self._index = index
+        name = f"stage{index}-{kind}-{city}"
+        self.echo(f"[stage {index}] {kind} on {city}")
+        return _Recorded(self.tracker.run(name, nested=True, tags=self._tags("stage", stage=index, city=city,
+                                                                               **{"graphtune.stage_kind": kind})),
+                         self.stage_runs, index)
+
+    def budget(self, index, city, fraction):
+        return self.tracker.run(f"stage{index}-{city}-frac{fraction:g}", nested=True,
+                                tags=self._tags("budget", stage=index, city=city, fraction=fraction))
+
+    def epoch(self, entry):
+        step = entry["epoch"]
+        self.tracker.log_metrics({f"epoch/{k}": v for k, v in entry.items() if k != "epoch"}, step=step)
+
+    def budget_done(self, index, point):
+        self.tracker.log_params({"fraction": point["fraction"], "windows": point["windows"]})
+        self.tracker.log_metrics(_metric_block(point["val"], "val_") | _metric_block(point["test"], "test_")
+                                 | {"train_time_s": point["train_time_s"], "steps": point["steps"]})
+        self.echo(f"    fraction {point['fraction']:g}: {point['windows']} windows, {point['epochs']} epochs, "
+                  f"val MAE {point['val_mae']:.3f}, test RMSE {point['test_rmse']:.3f}")
+
+    def stage_done(self, result, source):
+        self.tracker.log_metrics(stage_metrics(result))
+        if result.transfer is not None:
+            self.tracker.log_params({"transfer_share": round(result.transfer["share"], 4),
+                                     "same_nodes": result.transfer["same_nodes"]})
+        for point in result.curve:  # the transfer curve as one metric with step = fraction in percent
+            self.tracker.log_metrics({"curve_test_rmse": point["test_rmse"]}, step=round(100 * point["fraction"]))
+        if result.zero_rmse is not None:
+            self.tracker.log_metrics({"curve_test_rmse": result.zero_rmse}, step=0)
+        self.last_source = source
+        self.tracker.log_dict(result.to_dict(), "stage.json")
+        if self.log_checkpoints:
+            self.tracker.log_checkpoint(source.checkpoint(), CHECKPOINT)
+        self.stages.append(result)
+        score_stages(self.stages, self.plan.weights, self.plan.budgets)  # provisional, over the stages so far
+        self.echo(live_leaderboard([_live_row(s) for s in self.stages]))
+
+
+class _Recorded:
+    """Context manager wrapper that records the run id a tracker context yields."""
+
+    def __init__(self, ctx, into: dict, key):
+        self.ctx, self.into, self.key = ctx, into, key
+
+    def __enter__(self):
+        self.into[self.key] = self.ctx.__enter__()
+        return self.into[self.key]
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+def _metric_block(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def stage_metrics(s: StageResult) -> dict:
+    """The flat metrics of one stage run: final val/test (overall and per horizon), zero-shot, efficiency."""
+    out = _metric_block(s.val, "val_") | _metric_block(s.test, "test_")
+    if s.zero_shot_test is not None:
+        out |= _metric_block(s.zero_shot_val, "zero_val_") | _metric_block(s.zero_shot_test, "zero_test_")
+    out |= {k: v for k, v in s.static_eff.items()} | {k: v for k, v in s.dynamic_eff.items() if v is not None}
+    out |= {"flops": s.flops["flops"], "macs": s.flops["macs"], "num_nodes": s.num_nodes}
+    out |= {k: v for k, v in s.difficulty.items()}
+    if s.transfer is not None:
+        out["transfer_share"] = s.transfer["share"]
+    if s.scheduler is not None:
+        out["saved_budget"] = s.scheduler["saved_budget"]
+        out["curve_points"] = len(s.curve)
+    return out
+
+
+def _live_row(s: StageResult) -> dict:
+    return {"stage": s.stage, "city": s.city, "zero_shot_rmse": s.zero_rmse, "test_rmse": s.test_rmse,
+            "transfer_auc": s.score.get("transfer_auc"), "stage_score": s.score.get("stage_score")}
+
+
+# ----------------------------------------------------------------------------- the runner
+def load_bundles(params: Params, datasets: list[str]) -> list[DatasetBundle]:
+    return [prepare_dataset(city, cities=params.cities, **params.prepare.dataset_kwargs()) for city in datasets]
+
+
+def data_hashes(bundles: list[DatasetBundle]) -> dict:
+    """city -> sha256 of each raw source file (what `dvc add`/`dvc.lock` versions), short form."""
+    return {b.name: {role: s["sha256"][:16] for role, s in b.meta.get("sources", {}).items()} for b in bundles}
+
+
+def execute(params: Params, plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool = True,
+            output_dir: str | Path | None = None) -> tuple[ExperimentResult, str | None]:
+    """Run the planned experiment under one parent MLflow run; write and log the outputs."""
+    bundles = load_bundles(params, plan.datasets)
+    tr = params.tracking
+    tracker = Tracker(tr.tracking_uri or None, tr.experiment_name, system_metrics=tr.system_metrics, enabled=tracking)
+    observer = TrackingObserver(tracker, plan, echo, log_checkpoints=tr.log_checkpoints)
+    out = Path(output_dir or params.experiment.output_dir)
+    tags = observer._tags("experiment", device=plan.device, **{"dvc.data_hashes": json.dumps(data_hashes(bundles))})
+    if plan.source_ref:
+        tags["graphtune.source"] = plan.source_ref
+    with tracker.run(plan.name, tags=tags, params=params.as_dict()) as parent_id:
+        echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {plan.model}, strategy {plan.strategy}, "
+             f"device {plan.device})" + (f", run {parent_id}" if parent_id else ""))
+        result = run_experiment(bundles, model=plan.model, model_kwargs=plan.model_kwargs, strategy=plan.strategy,
+                                train=plan.train, curve=plan.curve, weights=plan.weights, budgets=plan.budgets,
+                                enforce_time_s=plan.enforce_time_s, seed=plan.seed, device=plan.device,
+                                name=plan.name, source=plan.source, observer=observer)
+        for stage in result.stages:  # final score parts (they need every stage) into each stage run
+            run_id = observer.stage_runs.get(stage.stage)
+            if run_id:
+                tracker.log_metrics_to(run_id, stage.score)
+        tracker.log_metrics(experiment_metrics(result))
+        if tr.log_checkpoints and observer.last_source is not None:  # `finetune --from <this run id>`
+            tracker.log_checkpoint(observer.last_source.checkpoint(), CHECKPOINT)
+        files = write_outputs(result, params, out)
+        for path in files.values():
+            tracker.log_artifact(path)
+    echo(f"S_uep = {result.s_uep:.4f}; results in {out}")
+    return result, parent_id
+
+
+def experiment_metrics(result: ExperimentResult) -> dict:
+    """Parent-run metrics: what the leaderboard ranks and shows."""
+    last = result.stages[-1]
+    transfers = [s for s in result.stages if s.kind == "transfer"]
+    gpu = [s.dynamic_eff.get("peak_gpu_mb") for s in result.stages if s.dynamic_eff.get("peak_gpu_mb")]
+    metrics = {
+        "S_uep": result.s_uep,
+        "final_test_mae": last.test["mae"], "final_test_rmse": last.test["rmse"], "final_test_mape": last.test["mape"],
+        "mean_transfer_auc": (sum(s.score["transfer_auc"] for s in transfers) / len(transfers)) if transfers else 0.0,
+        "total_train_time_s": sum(s.dynamic_eff["train_time_s"] for s in result.stages),
+        "peak_rss_mb": max(s.dynamic_eff["peak_rss_mb"] or 0.0 for s in result.stages),
+        "peak_gpu_mb": max(gpu) if gpu else 0.0,
+        "trainable_params": last.static_eff["params_trainable"], "total_params": last.static_eff["params_total"],
+        "flops_g": last.flops["flops"] / 1e9,
+        "saved_budget": sum((s.scheduler or {}).get("saved_budget", 0.0) for s in transfers),
+    }
+    for h in HORIZONS:
+        metrics[f"final_test_mae_h{h}"] = last.test.get(f"mae_h{h}", math.nan)
+    return metrics
+
+
+def write_outputs(result: ExperimentResult, params: Params, out: Path) -> dict[str, Path]:
+    """results.json, results.csv, curves.csv, transfer_curve.png, stage_scores.png, params.yaml; atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "results.json").write_text(json.dumps(_clean(result.to_dict()), indent=1, sort_keys=True) + "\n")
+        _write_csv(tmp / "results.csv", result.rows())
+        curve_rows = [{"stage": s.stage, "city": s.city, "fraction": f, "test_rmse": r}
+                      for s in result.stages if s.kind == "transfer"
+                      for f, r in [(0.0, s.zero_rmse)] + [(p["fraction"], p["test_rmse"]) for p in s.curve]]
+        _write_csv(tmp / "curves.csv", curve_rows or [{"stage": 0, "city": "", "fraction": 0.0, "test_rmse": ""}])
+        curves = {f"{s.stage}: {s.city}": [(0.0, s.zero_rmse)] + [(p["fraction"], p["test_rmse"]) for p in s.curve]
+                  for s in result.stages if s.kind == "transfer"}
+        transfer_curve_png(curves, tmp / "transfer_curve.png", title=result.name)
+        import pandas as pd
+
+        board = pd.DataFrame([{"model": f"{s.stage}: {s.city}", "strategy": s.kind, "S_uep_mean": s.score["stage_score"],
+                               "S_uep_std": 0.0} for s in result.stages])
+        leaderboard_png(board, tmp / "stage_scores.png")
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {p.name: p for p in sorted(out.iterdir())}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in keys})
+    path.write_text(buf.getvalue())
+
+
+def _fmt(value):
+    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf -> None, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
