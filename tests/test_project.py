@@ -65,3 +65,17 @@ def test_mlproject_entry_points_are_typed():
     for name, entry in project["entry_points"].items():
         for pname, spec in entry.get("parameters", {}).items():
             assert isinstance(spec, dict) and "type" in spec, f"{name}.{pname} has no type"
+
+
+def test_public_api_imports_without_side_effects():
+    import subprocess
+    import sys
+
+    code = ("import sys, logging, graphtune\n"
+            "from graphtune import prepare_dataset, build_model, load_partial_state, list_models, profile_model\n"
+            "assert 'mlflow' not in sys.modules, 'importing graphtune must not import mlflow'\n"
+            "assert not logging.getLogger().handlers, 'importing graphtune must not configure logging'\n"
+            "print(len(list_models()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "tests")
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 7
