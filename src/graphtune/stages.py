@@ -232,7 +232,12 @@ def transfer_stage(bundle: DatasetBundle, source: SourceModel, *, index: int, st
     def transferred() -> tuple[nn.Module, object]:
         torch.manual_seed(seed)  # every budget point restarts from the same initial weights
         net = build_model(source.model, bundle, **source.model_kwargs)
-        return net, apply(net, source.state, same_nodes)
+        report = apply(net, source.state, same_nodes)
+        if report is not None and hasattr(net, "batches_seen"):
+            # a transferred seq2seq model has finished its teacher-forcing curriculum: fine-tune it free-running,
+            # the way it is evaluated (a rebuilt model would otherwise restart fully teacher-forced)
+            net.batches_seen = 10**9
+        return net, report
 
     with observer.stage(index, "transfer", bundle.name):
         with ResourceMonitor(device) as monitor:
