@@ -44,8 +44,8 @@ def test_forward_shape_and_gradients(name, num_nodes, bundles):
     assert torch.isfinite(out).all()
 
     params = learnable(model)
-    if not params:  # the historical average: fitted, not trained
-        assert name == "ha" and not out.requires_grad
+    if not params:  # the historical average and persistence: fitted or fixed, not trained
+        assert name in ("ha", "persistence") and not out.requires_grad
         return
     mask = ~torch.isnan(target)
     loss = (out - torch.nan_to_num(target)).abs()[mask].mean()
