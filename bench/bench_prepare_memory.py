@@ -19,7 +19,6 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from graphtune.data.prepare import prepare_dataset

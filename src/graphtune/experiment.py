@@ -15,9 +15,6 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,9 +29,10 @@ from graphtune.data.bundle import DatasetBundle
 from graphtune.data.cities import get_city
 from graphtune.data.prepare import prepare_dataset
 from graphtune.errors import ConfigError
+from graphtune.fileio import atomic_directory
 from graphtune.metrics import HORIZONS
 from graphtune.models import model_defaults
-from graphtune.plots import leaderboard_png, transfer_curve_png
+from graphtune.plots import stage_scores_png, transfer_curve_png
 from graphtune.score import ScoreWeights, budgets_from_config
 from graphtune.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
                               check_curve, per_stage, resolve_device, run_experiment, score_stages)
@@ -312,9 +310,7 @@ def experiment_metrics(result: ExperimentResult) -> dict:
 
 def write_outputs(result: ExperimentResult, params: Params, out: Path) -> dict[str, Path]:
     """results.json, results.csv, curves.csv, transfer_curve.png, stage_scores.png, params.yaml; atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(_clean(result.to_dict()), indent=1, sort_keys=True) + "\n")
         _write_csv(tmp / "results.csv", result.rows())
         curve_rows = [{"stage": s.stage, "city": s.city, "fraction": f, "test_rmse": r}
@@ -324,18 +320,9 @@ def write_outputs(result: ExperimentResult, params: Params, out: Path) -> dict[s
         curves = {f"{s.stage}: {s.city}": [(0.0, s.zero_rmse)] + [(p["fraction"], p["test_rmse"]) for p in s.curve]
                   for s in result.stages if s.kind == "transfer"}
         transfer_curve_png(curves, tmp / "transfer_curve.png", title=result.name)
-        import pandas as pd
-
-        board = pd.DataFrame([{"model": f"{s.stage}: {s.city}", "strategy": s.kind, "S_uep_mean": s.score["stage_score"],
-                               "S_uep_std": 0.0} for s in result.stages])
-        leaderboard_png(board, tmp / "stage_scores.png")
+        stage_scores_png({f"{s.stage}: {s.kind} {s.city}": s.score["stage_score"] for s in result.stages},
+                         tmp / "stage_scores.png", title=f"{result.name}: S_uep = {result.s_uep:.3f}")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {p.name: p for p in sorted(out.iterdir())}
 
 

@@ -127,3 +127,20 @@ def leaderboard_figure(df: pd.DataFrame) -> Figure:
 def leaderboard_png(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write leaderboard_figure(df) as a PNG at `path`; returns the path."""
     return _save(leaderboard_figure(df), path)
+
+
+def stage_scores_png(scores: dict[str, float], path: str | os.PathLike, title: str = "") -> Path:
+    """One experiment's stage scores (S_uep parts combined per stage) as horizontal bars, stage 0 on top."""
+    fig = _new_figure(6.0, 1.2 + 0.45 * max(len(scores), 1))
+    ax = fig.add_subplot()
+    labels, values = list(scores), [float(v) for v in scores.values()]
+    ax.barh(range(len(values)), values, color="tab:green", alpha=0.8)
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    for y, v in enumerate(values):
+        ax.annotate(f"{v:.3f}", (v, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize="small")
+    ax.set_xlabel("stage score (see graphtune.score)")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)

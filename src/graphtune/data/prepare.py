@@ -21,9 +21,6 @@ training range only; readings equal to the city's null value are missing (NaN in
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from graphtune.data.cities import CitySpec, get_city
 from graphtune.data.fetch import resolve_file, sha256_file
 from graphtune.data.loaders import align, coordinates_to_adjacency, read_graph, read_locations, read_series
 from graphtune.errors import ConfigError, DataError
+from graphtune.fileio import atomic_directory
 
 FORMAT_VERSION = 1  # bump when the processed layout or its semantics change: old folders are then stale
 PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
@@ -94,12 +92,8 @@ def prepare_dataset(
     `cities` holds user city entries (params.yaml `cities:`); `data_source` is local | url | hf | auto;
     `url_overrides` maps a file name to a URL that replaces the registered one.
     """
-    _check_windows(t_in, t_out, stride)
-    options = PrepareOptions(split=split, normalized_k=normalized_k)
-    spec = get_city(city, cities)
-    root = Path(root)
-    paths = _resolve_files(spec, root, data_source, Path(root, cache_dir), url_overrides or {})
-    sources = {role: sha256_file(p) for role, p in paths.items()}
+    spec, paths, sources, options = _inputs(city, root, cities, data_source, cache_dir, url_overrides, split,
+                                            normalized_k, t_in, t_out, stride)
     out = Path(root, processed_dir, spec.name)
     arrays = _read_processed(out, sources, options) if use_processed else None
     if arrays is None:
@@ -126,12 +120,8 @@ def write_processed(
 
     Validates that the city yields at least one window per split with (t_in, t_out, stride) before writing.
     """
-    _check_windows(t_in, t_out, stride)
-    options = PrepareOptions(split=split, normalized_k=normalized_k)
-    spec = get_city(city, cities)
-    root = Path(root)
-    paths = _resolve_files(spec, root, data_source, Path(root, cache_dir), url_overrides or {})
-    sources = {role: sha256_file(p) for role, p in paths.items()}
+    spec, paths, sources, options = _inputs(city, root, cities, data_source, cache_dir, url_overrides, split,
+                                            normalized_k, t_in, t_out, stride)
     arrays = _process(spec, paths, sources, options, cities)
     _to_bundle(spec.name, arrays, t_in, t_out, stride)  # raises if a split is too short for one window
     out = Path(root, processed_dir, spec.name)
@@ -140,6 +130,16 @@ def write_processed(
 
 
 # ----------------------------------------------------------------------------- steps
+def _inputs(city, root, cities, data_source, cache_dir, url_overrides, split, normalized_k, t_in, t_out, stride):
+    """Check the options, find the city and its files, hash them (what decides whether outputs are current)."""
+    _check_windows(t_in, t_out, stride)
+    options = PrepareOptions(split=split, normalized_k=normalized_k)
+    spec = get_city(city, cities)
+    paths = _resolve_files(spec, Path(root), data_source, Path(root, cache_dir), url_overrides or {})
+    sources = {role: sha256_file(p) for role, p in paths.items()}
+    return spec, paths, sources, options
+
+
 def _check_windows(t_in: int, t_out: int, stride: int) -> None:
     for option, value in (("t_in", t_in), ("t_out", t_out), ("stride", stride)):
         if not isinstance(value, (int, np.integer)) or value < 1:
@@ -307,18 +307,10 @@ def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> _Array
 
 
 def _write_atomic(out: Path, a: _Arrays) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         np.save(tmp / "series.npy", a.series)
         np.save(tmp / "time.npy", a.time)
         np.save(tmp / "adj.npy", a.adj)
         if a.coords is not None:
             np.save(tmp / "coords.npy", a.coords)
         (tmp / "meta.json").write_text(json.dumps(a.meta, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
