@@ -79,3 +79,15 @@ def test_public_api_imports_without_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "tests")
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= 7
+
+
+def test_console_script_usage_errors_are_one_line():
+    import subprocess
+    import sys
+
+    for args, needle in ((["experiment", "--epochs", "x,y"], "--epochs"), (["nosuch"], "No such command"),
+                         (["prepare", "--data-source", "ftp"], "--data-source")):
+        out = subprocess.run([sys.executable, "-m", "graphtune", *args], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("graphtune: error:") and needle in lines[0], out.stderr

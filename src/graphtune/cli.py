@@ -119,7 +119,7 @@ def cities_cmd(params_path):
 
 
 # ----------------------------------------------------------------------------- experiments
-def _split_list(value: str | None, cast=str) -> list | None:
+def _split_list(value: str | None, cast=str, option: str = "") -> list | None:
     """A comma-separated option -> list; None or "" (an MLproject default) -> None (take params.yaml)."""
     if value is None or str(value).strip() == "":
         return None
@@ -127,7 +127,8 @@ def _split_list(value: str | None, cast=str) -> list | None:
     try:
         return [cast(v) for v in items]
     except ValueError:
-        raise click.BadParameter(f"expected a comma-separated list of {cast.__name__} values, got {value!r}")
+        raise click.BadParameter(f"expected a comma-separated list of {cast.__name__} values, got {value!r}",
+                                 param_hint=option or None) from None
 
 
 def _experiment_options(fn):
@@ -178,9 +179,9 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
         exp.datasets = datasets
     if model:
         exp.model = model
-    if (e := _split_list(epochs, int)) is not None:
+    if (e := _split_list(epochs, int, "--epochs")) is not None:
         train.epochs = e
-    if (lr := _split_list(lrs, float)) is not None:
+    if (lr := _split_list(lrs, float, "--lrs")) is not None:
         train.lrs = lr
     if seed is not None and str(seed).strip():
         try:
@@ -199,7 +200,7 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
     if strategy:
         exp.strategy = strategy
         explicit.append("--strategy")
-    if (f := _split_list(fractions, float)) is not None:
+    if (f := _split_list(fractions, float, "--fractions")) is not None:
         transfer.fractions = f
         explicit.append("--fractions")
     if fewshot_mode:
@@ -345,4 +346,21 @@ def models_cmd(profile_city, target_city, params_path):
 
 
 def main():
-    cli(prog_name="graphtune")
+    """Entry point: usage errors (bad option values, unknown commands) also print one line and exit 2."""
+    try:
+        cli.main(prog_name="graphtune", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else str(err))
+        sys.exit(2)
+    except click.UsageError as err:
+        hint = f" (see 'graphtune {err.ctx.info_name} --help')" if err.ctx and err.ctx.info_name != "graphtune" else ""
+        click.echo(f"graphtune: error: {err.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"graphtune: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("graphtune: aborted", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
