@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -156,7 +157,6 @@ class TrackingObserver(Observer):
         self.stage_runs: dict[int, str | None] = {}
         self.last_source: SourceModel | None = None  # the latest stage's trained model
         self.stages: list[StageResult] = []
-        self._index = 0
 
     def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
               **extra) -> dict:
@@ -165,13 +165,13 @@ class TrackingObserver(Observer):
                               stage=stage, city=city, fraction=fraction)
         return tags | {k: str(v) for k, v in extra.items()}
 
+    @contextmanager
     def stage(self, index, kind, city):
-        self._index = index
-        name = f"stage{index}-{kind}-{city}"
         self.echo(f"[stage {index}] {kind} on {city}")
-        return _Recorded(self.tracker.run(name, nested=True, tags=self._tags("stage", stage=index, city=city,
-                                                                               **{"graphtune.stage_kind": kind})),
-                         self.stage_runs, index)
+        tags = self._tags("stage", stage=index, city=city, **{"graphtune.stage_kind": kind})
+        with self.tracker.run(f"stage{index}-{kind}-{city}", nested=True, tags=tags) as run_id:
+            self.stage_runs[index] = run_id  # the final score parts are logged to it after the last stage
+            yield run_id
 
     def budget(self, index, city, fraction):
         return self.tracker.run(f"stage{index}-{city}-frac{fraction:g}", nested=True,
@@ -204,20 +204,6 @@ class TrackingObserver(Observer):
         self.stages.append(result)
         score_stages(self.stages, self.plan.weights, self.plan.budgets)  # provisional, over the stages so far
         self.echo(live_leaderboard([_live_row(s) for s in self.stages]))
-
-
-class _Recorded:
-    """Context manager wrapper that records the run id a tracker context yields."""
-
-    def __init__(self, ctx, into: dict, key):
-        self.ctx, self.into, self.key = ctx, into, key
-
-    def __enter__(self):
-        self.into[self.key] = self.ctx.__enter__()
-        return self.into[self.key]
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
 
 
 def _metric_block(metrics: dict, prefix: str) -> dict:
