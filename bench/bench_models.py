@@ -318,7 +318,8 @@ def print_training_table(rows: list[dict], shape: str, title: str) -> None:
 
 def print_scaling_table(rows: list[dict], sizes) -> dict:
     by = {(r["model"], r["num_nodes"]): r for r in rows}
-    print(f"\nScaling: batch {SCALING_BATCH}, one forward + backward + Adam step, GENERATED random geometric graphs")
+    print(f"\nScaling: batch {SCALING_BATCH}, s per forward + backward + Adam step (median of up to {SCALING_REPEATS}), "
+          "GENERATED random geometric graphs")
     header = " | ".join(f"{m} s/step | {m} peak MB" for m in SCALING_MODELS)
     print(f"| N | {header} |")
     print("|---:|" + "---:|---:|" * len(SCALING_MODELS))
