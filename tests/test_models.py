@@ -170,6 +170,19 @@ def test_historical_average_falls_back_to_the_node_mean_for_unseen_slots():
     torch.testing.assert_close(out, mean.expand_as(out))
 
 
+def test_persistence_repeats_the_last_observed_value(bundles):
+    """Scaled 0.0 marks a missing input; a node with no observed step is forecast at 0.0 (the train mean)."""
+    x = torch.zeros(2, 12, 3, 3)
+    x[0, :, 0, 0] = torch.arange(1.0, 13.0)  # observed at every step: the last one, 12
+    x[0, :5, 1, 0] = torch.arange(1.0, 6.0)  # observed up to step 4, missing after: 5
+    x[1, 3, 2, 0] = -0.7  # observed once, negative (below the train mean)
+    x[..., 1] = 0.5  # time features must not leak into the forecast
+    x[..., 2] = 3.0
+    out = build_model("persistence", bundles[7])(x)  # node count comes from x, not from the bundle
+    expected = torch.tensor([[12.0, 5.0, 0.0], [0.0, 0.0, -0.7]])[:, None, :].expand(2, 12, 3)
+    torch.testing.assert_close(out, expected)
+
+
 def test_hypernet_prompts_without_coordinates(bundles):
     from graphtune.models.hypernet import node_prompts
 
