@@ -49,10 +49,11 @@ HORIZONS = (3, 6, 12)  # 15, 30, 60 min at 5-minute sampling
 
 # Per model: builder kwargs (smaller than the defaults only where a default-size epoch costs minutes on
 # 2 CPU cores), Adam learning rate, epoch cap, and share of the total time budget (--max-minutes).
-# The recurrent models get cl_decay_steps=20 (default 100): scheduled sampling decays with batches seen,
-# and this budget is only ~200-400 batches. With 100, the decoder still gets the true previous value 85%
-# of the time after 8 epochs and never learns to run on its own forecasts: dgcrn's 60-min MAE after 8
-# epochs was 5.63 with 100 (worse than ha) and 5.16 with 20; dcrnn's after 18 epochs 5.07 and 5.00.
+# The recurrent models run with cl_decay_steps=20, the builders' default, pinned here so that the bench does
+# not move if the default does: scheduled sampling decays with batches seen, and this budget is only ~200-400
+# batches. With 100, the decoder still gets the true previous value 85% of the time after 8 epochs and never
+# learns to run on its own forecasts: dgcrn's 60-min MAE after 8 epochs was 5.63 with 100 (worse than ha)
+# and 5.16 with 20; dcrnn's after 18 epochs 5.07 and 5.00.
 RECURRENT_DECAY = 20  # teacher forcing halves near 60 batches (~3 epochs of the week)
 CONFIGS = {
     "baseline": {"kwargs": {}, "lr": 3e-3, "max_epochs": 100, "share": 0.04},  # ~1 s per epoch

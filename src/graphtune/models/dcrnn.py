@@ -158,7 +158,7 @@ def dcrnn(
     hidden: int = 32,  # paper: 64, which costs 2.6x the FLOPs per batch (252 vs 97 GFLOP/step, B=64, N=207)
     num_layers: int = 1,  # paper: 2; a second layer costs 2.6x per batch (256 vs 97 GFLOP/step, B=64, N=207)
     diffusion_steps: int = 2,  # K = 2 random-walk steps per direction, as in the paper
-    cl_decay_steps: float = 50.0,  # paper: 2000 for ~15k batches; 50 halves teacher forcing near 200 batches
+    cl_decay_steps: float = 20.0,  # paper: 2000 for ~15k batches; 20 halves teacher forcing near 60 batches (CPU runs)
 ) -> DCRNN:
     """DCRNN for `bundle`'s graph. Reads value and time of day (channels 0, 1) like the paper; not day of week."""
     return DCRNN(

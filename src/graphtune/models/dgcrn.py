@@ -200,7 +200,7 @@ def dgcrn(
     hyper_dim: int = 16,  # hidden width of the filter generator, as in the paper
     middle_dim: int = 2,  # bottleneck of the filter generator, as in the paper
     tanh_alpha: float = 3.0,  # saturation of the graph generator, as in the paper
-    cl_decay_steps: float = 50.0,  # paper: 2000-4000 for long GPU runs; 50 halves teacher forcing near 200 batches
+    cl_decay_steps: float = 20.0,  # paper: 2000-4000 for long GPU runs; 20 halves teacher forcing near 60 batches
 ) -> DGCRN:
     """DGCRN for `bundle`'s graph. Reads value and time of day (channels 0, 1) like the paper; not day of week."""
     return DGCRN(
