@@ -24,14 +24,19 @@ OURS: prepare_dataset("metr-la-week") -> DatasetBundle; bundle.loader gathers ea
 
 Measured, each pipeline with the same engine-like step (forward, masked MAE in mph, backward, clip 5, Adam):
   (a) loader only: samples/s over one shuffled epoch of the training windows (median of --repeats epochs);
-  (b) training: samples/s over --steps optimizer steps after 2 warm-up steps per model (--models), run in
+  (b) training: samples/s over --steps optimizer steps (more for fast models: about --min-seconds per side)
+      after 2 warm-up steps per model (--models), run in
       alternating rounds so that load from other processes on the shared machine hits both pipelines alike;
   (c) accuracy: val MAE after --epochs epochs from the same initial weights and seed, for --seeds seeds
       (the two shuffles differ: torch's DataLoader draws a worker seed from its generator first), plus an
       exact check that both pipelines build the same windows for the same start indices;
   (d) memory: peak RSS above the starting level while each pipeline is built from the raw HDF5 file
       (read, windows, scaling, loaders, first batch), each in a fresh process; on the real week and on the
-      full METR-LA shape (34272 x 207, GENERATED values with 8% missing, written to a temporary file).
+      full METR-LA shape (34272 x 207, GENERATED values with 8% missing, written to a temporary file);
+  (e) whole implementations: GraphTune's pipeline and model against the reference data path with
+      GraphTune-lite's OWN implementation of the same model (bench/reference_models.py: baseline, hypernet,
+      dcrnn, bigst; built at the same widths), training throughput as in (b) and val MAE after --impl-epochs
+      epochs for --impl-seeds seeds. (b) isolates the data path; (e) is what a user of either tool gets.
 
     python bench/bench_training.py          # prints tables, writes bench/results/training.json
 """
@@ -48,6 +53,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import pickle  # noqa: E402
 import statistics  # noqa: E402
@@ -65,8 +71,9 @@ from graphtune.data.bundle import Scaler  # noqa: E402
 from graphtune.data.prepare import prepare_dataset  # noqa: E402
 from graphtune.data.synthetic import random_geometric_graph, synthetic_series  # noqa: E402
 from graphtune.metrics import MetricAccumulator, masked_mae_loss  # noqa: E402
-from graphtune.models import build_model  # noqa: E402
+from graphtune.models import build_model, model_defaults  # noqa: E402
 from graphtune.profiling import ResourceMonitor  # noqa: E402
+from reference_models import OURS, build_reference  # noqa: E402  (bench/, next to this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 WEEK = ROOT / "data" / "sample" / "metr-la-week" / "metr-la-week.h5"
@@ -193,19 +200,28 @@ def loader_throughput(loader, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- (b) training throughput
-def training_throughput(bundle, ref: dict, name: str, steps: int) -> dict:
-    """Both pipelines train their own copy of `name` (same initial weights); steps alternate in ROUNDS rounds."""
+def training_throughput(bundle, ref: dict, builders: dict, steps: int, min_seconds: float) -> dict:
+    """Each pipeline trains the model its builder makes (seeded alike); steps alternate in ROUNDS rounds.
+
+    builders: {"ours": () -> model, "reference": () -> model}, the same builder twice to compare data paths only.
+    At least `steps` timed steps per side, more for fast models so that each side runs about `min_seconds`
+    (sized from the slower side's warm-up): a 20-step run of a 20 ms model is too short to time on a shared box.
+    """
     pipelines = {"ours": (bundle.loader("train", batch_size=BATCH, shuffle=True, seed=0), bundle.scaler),
                  "reference": (ref["loaders"]["train"], ref["scaler"])}
     runs = {}
     for label, (loader, scaler) in pipelines.items():
         torch.manual_seed(0)
-        model = build_model(name, bundle)
+        model = builders[label]()
         step, batches = make_step(model, scaler, bundle.null_value), endless(loader)
+        start = time.perf_counter()
         for _ in range(WARMUP):
             step(*next(batches))
-        runs[label] = {"step": step, "batches": batches, "time_s": 0.0, "steps": 0}
-    per_round = max(1, steps // ROUNDS)
+        runs[label] = {"step": step, "batches": batches, "time_s": 0.0, "steps": 0,
+                       "warmup_step_s": (time.perf_counter() - start) / WARMUP,
+                       "params": sum(p.numel() for p in model.parameters())}
+    slowest = max(run["warmup_step_s"] for run in runs.values())
+    per_round = max(1, steps // ROUNDS, math.ceil(min_seconds / slowest / ROUNDS))
     for _ in range(ROUNDS):
         for run in runs.values():
             start = time.perf_counter()
@@ -213,8 +229,22 @@ def training_throughput(bundle, ref: dict, name: str, steps: int) -> dict:
                 run["step"](*next(run["batches"]))  # the data time is inside: that is the point
             run["time_s"] += time.perf_counter() - start
             run["steps"] += per_round
-    return {label: {"steps": r["steps"], "time_s": r["time_s"], "samples_per_s": r["steps"] * BATCH / r["time_s"]}
-            for label, r in runs.items()}
+    out = {label: {"steps": r["steps"], "time_s": r["time_s"], "samples_per_s": r["steps"] * BATCH / r["time_s"],
+                   "params": r["params"]} for label, r in runs.items()}
+    out["ratio"] = out["ours"]["samples_per_s"] / out["reference"]["samples_per_s"]
+    return out
+
+
+def same_model(bundle, name: str) -> dict:
+    """Builders for the data-path comparison: GraphTune's `name` on both sides."""
+    return {"ours": lambda: build_model(name, bundle), "reference": lambda: build_model(name, bundle)}
+
+
+def whole_implementations(bundle, name: str) -> dict:
+    """Builders for the whole-implementation comparison: GraphTune's `name` vs GraphTune-lite's."""
+    kwargs = {**model_defaults(name), **OURS[name]}
+    return {"ours": lambda: build_model(name, bundle, **OURS[name]),
+            "reference": lambda: build_reference(name, bundle, kwargs), "kwargs": OURS[name]}
 
 
 # ----------------------------------------------------------------------------- (c) accuracy
@@ -231,7 +261,7 @@ def same_windows(bundle, ref: dict, count: int = 64) -> dict:
             "target_mph": float((torch.nan_to_num(ours_y) - ref_y).abs().max())}
 
 
-def accuracy(bundle, name: str, epochs: int, seeds) -> dict:
+def accuracy(bundle, name: str, builders: dict, epochs: int, seeds) -> dict:
     out = {"ours": [], "reference": []}
     for seed in seeds:
         ref = reference_from_bundle(bundle, seed=seed)
@@ -240,7 +270,7 @@ def accuracy(bundle, name: str, epochs: int, seeds) -> dict:
                      "reference": (ref["loaders"]["train"], ref["loaders"]["val"], ref["scaler"])}
         for label, (train, val, scaler) in pipelines.items():
             torch.manual_seed(seed)
-            model = build_model(name, bundle)
+            model = builders[label]()
             step = make_step(model, scaler, bundle.null_value)
             for _ in range(epochs):
                 for batch in train:
@@ -332,12 +362,19 @@ def isolated(fn, *args, timeout_s: float = 900.0) -> dict:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["baseline", "gwnet"], help="(b) models to train")
-    parser.add_argument("--steps", type=int, default=20, help="(b) timed optimizer steps per model and pipeline")
+    parser.add_argument("--models", nargs="*", default=["baseline", "hypernet", "gwnet"],
+                        help="(b) models to train, the same model on both data paths")
+    parser.add_argument("--steps", type=int, default=20, help="(b, e) timed optimizer steps per model and side, "
+                        "at least")
+    parser.add_argument("--min-seconds", type=float, default=8.0, help="(b, e) timed seconds per side, about")
     parser.add_argument("--repeats", type=int, default=3, help="(a) epochs per pipeline; the median counts")
     parser.add_argument("--accuracy-models", nargs="*", default=["baseline"], help="(c) models to compare")
     parser.add_argument("--epochs", type=int, default=5, help="(c) training epochs")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="(c) seeds")
+    parser.add_argument("--impl-models", nargs="*", default=list(OURS), choices=list(OURS),
+                        help="(e) models compared with GraphTune-lite's own implementation")
+    parser.add_argument("--impl-epochs", type=int, default=5, help="(e) training epochs for the accuracy check")
+    parser.add_argument("--impl-seeds", type=int, nargs="*", default=[0, 1, 2], help="(e) seeds")
     parser.add_argument("--skip-full-shape", action="store_true", help="(d) only the real week")
     parser.add_argument("--out", type=Path, default=OUT, help="JSON output path")
     args = parser.parse_args(argv)
@@ -354,16 +391,24 @@ def main(argv=None) -> dict:
 
     result["training"] = {}
     for name in args.models:
-        print(f"(b) training throughput: {name}, {args.steps} steps per pipeline", flush=True)
-        run = training_throughput(bundle, ref, name, args.steps)
-        run["ratio"] = run["ours"]["samples_per_s"] / run["reference"]["samples_per_s"]
-        result["training"][name] = run
+        print(f"(b) training throughput, data paths only: {name}, >= {args.steps} steps per pipeline", flush=True)
+        result["training"][name] = training_throughput(bundle, ref, same_model(bundle, name), args.steps, args.min_seconds)
 
     result["same_windows_max_abs_diff"] = same_windows(bundle, ref)
     result["accuracy"] = []
     for name in args.accuracy_models:
-        print(f"(c) accuracy: {name}, {args.epochs} epochs, seeds {args.seeds}", flush=True)
-        result["accuracy"].append(accuracy(bundle, name, args.epochs, args.seeds))
+        print(f"(c) accuracy, data paths only: {name}, {args.epochs} epochs, seeds {args.seeds}", flush=True)
+        result["accuracy"].append(accuracy(bundle, name, same_model(bundle, name), args.epochs, args.seeds))
+
+    result["implementations"] = {}
+    for name in args.impl_models:
+        builders = whole_implementations(bundle, name)
+        print(f"(e) whole implementations: {name}, >= {args.steps} steps, then {args.impl_epochs} epochs x seeds "
+              f"{args.impl_seeds}", flush=True)
+        run = training_throughput(bundle, ref, builders, args.steps, args.min_seconds)
+        run["ours_kwargs"] = builders["kwargs"]
+        run["accuracy"] = accuracy(bundle, name, builders, args.impl_epochs, args.impl_seeds)
+        result["implementations"][name] = run
 
     print("(d) memory of building each pipeline, fresh processes", flush=True)
     result["memory"] = {"metr-la-week": {w: isolated(_memory_worker, w, None) for w in ("ours", "reference")}}
@@ -388,7 +433,7 @@ def print_report(r: dict, bundle) -> None:
     print(f"| (a) loader only, samples/s | {a['ours']['samples_per_s']:,.0f} | {a['reference']['samples_per_s']:,.0f} "
           f"| {a['ratio']:.1f}x |")
     for name, t in r["training"].items():
-        print(f"| (b) training {name}, samples/s ({t['ours']['steps']} steps) | {t['ours']['samples_per_s']:.1f} | "
+        print(f"| (b) training {name} (same model), samples/s ({t['ours']['steps']} steps) | {t['ours']['samples_per_s']:.1f} | "
               f"{t['reference']['samples_per_s']:.1f} | {t['ratio']:.2f}x |")
     for c in r["accuracy"]:
         ours = ", ".join(f"{v:.3f}" for v in c["val_mae_ours"])
@@ -407,6 +452,21 @@ def print_report(r: dict, bundle) -> None:
         print(f"| (d) build time s, {shape} | {o['time_s']:.2f} | {f['time_s']:.2f} | "
               f"{f['time_s'] / o['time_s']:.1f}x faster |")
     d = r["same_windows_max_abs_diff"]
+    if r["implementations"]:
+        print("\n(e) Whole implementations: GraphTune (bundle.loader + its model) vs GraphTune-lite (reference data "
+              "path + its own model, bench/reference_models.py)\n")
+        print("| model | params GraphTune / lite | samples/s GraphTune | samples/s lite | ratio | val MAE GraphTune "
+              "(mean) | val MAE lite (mean) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, e in r["implementations"].items():
+            c = e["accuracy"]
+            ours = ", ".join(f"{v:.3f}" for v in c["val_mae_ours"])
+            refs = ", ".join(f"{v:.3f}" for v in c["val_mae_reference"])
+            print(f"| {name} | {e['ours']['params']:,} / {e['reference']['params']:,} | "
+                  f"{e['ours']['samples_per_s']:.1f} | {e['reference']['samples_per_s']:.1f} | {e['ratio']:.2f}x | "
+                  f"{ours} ({c['mean_ours']:.3f}) | {refs} ({c['mean_reference']:.3f}) |")
+        print(f"(val MAE in mph after {c['epochs']} epochs, seeds {c['seeds']}; throughput over at least "
+              f"{min(e['ours']['steps'] for e in r['implementations'].values())} timed steps per side)")
     print(f"\nsame windows from both pipelines (64 val windows): max |diff| value {d['value_mph']:.2e} mph, "
           f"time features {d['time_features']:.2e}, targets {d['target_mph']:.2e} mph")
 
