@@ -50,10 +50,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import multiprocessing  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -65,6 +63,7 @@ from graphtune.data.synthetic import random_geometric_graph, synthetic_bundle  #
 from graphtune.metrics import masked_mae_loss  # noqa: E402
 from graphtune.models import build_model, list_models  # noqa: E402
 from graphtune.profiling import MB, ResourceMonitor, count_flops, count_parameters  # noqa: E402
+from isolation import isolated  # noqa: E402  (bench/, next to this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 PEMS_BAY_GRAPH = ROOT / "data" / "sample" / "pems-bay-graph"
@@ -137,38 +136,6 @@ def learnable_models() -> list[str]:
     """Registered models with trainable parameters (ha and persistence have none), by building them on a tiny city."""
     tiny = synthetic_bundle(num_nodes=5, num_steps=200, seed=0)
     return [n for n in list_models() if any(p.requires_grad for p in build_model(n, tiny).parameters())]
-
-
-def _child(conn, fn, args) -> None:
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException as exc:  # report any failure to the parent instead of dying silently
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
-    finally:
-        conn.close()
-
-
-def isolated(fn, *args, timeout_s: float):
-    """Run fn(*args) in a fresh spawned process; returns its result or {"error": ...} (crash, OOM kill, timeout)."""
-    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
-    proc.start()
-    child.close()
-    result = {"error": f"timed out after {timeout_s:.0f} s"}
-    if parent.poll(timeout_s):
-        try:
-            status, value = parent.recv()
-            result = value if status == "ok" else {"error": value}
-        except EOFError:
-            result = {"error": "the worker died without a result"}
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if proc.exitcode not in (0, None) and "error" in result and "timed out" not in result["error"]:
-        result["error"] += f" (exit code {proc.exitcode})"
-    return result
 
 
 # ----------------------------------------------------------------------------- part 1: models x shapes

@@ -54,12 +54,10 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import multiprocessing  # noqa: E402
 import pickle  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -73,7 +71,8 @@ from graphtune.data.synthetic import random_geometric_graph, synthetic_series  #
 from graphtune.metrics import MetricAccumulator, masked_mae_loss  # noqa: E402
 from graphtune.models import build_model, model_defaults  # noqa: E402
 from graphtune.profiling import ResourceMonitor  # noqa: E402
-from reference_models import OURS, build_reference  # noqa: E402  (bench/, next to this script)
+from isolation import isolated  # noqa: E402  (bench/, next to this script)
+from reference_models import OURS, build_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WEEK = ROOT / "data" / "sample" / "metr-la-week" / "metr-la-week.h5"
@@ -329,36 +328,6 @@ def _memory_worker(which: str, folder: str | None) -> dict:
     return {"peak_rss_mb": mon.peak_rss_mb, "time_s": mon.elapsed_s}
 
 
-def _child(conn, fn, args) -> None:
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException as exc:  # report any failure to the parent instead of dying silently
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
-    finally:
-        conn.close()
-
-
-def isolated(fn, *args, timeout_s: float = 900.0) -> dict:
-    """fn(*args) in a fresh spawned process: its RSS starts clean of everything measured before."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
-    proc.start()
-    child.close()
-    result = {"error": f"timed out after {timeout_s:.0f} s"}
-    if parent.poll(timeout_s):
-        try:
-            status, value = parent.recv()
-            result = value if status == "ok" else {"error": value}
-        except EOFError:
-            result = {"error": f"the worker died without a result (exit code {proc.exitcode})"}
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    return result
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -411,11 +380,12 @@ def main(argv=None) -> dict:
         result["implementations"][name] = run
 
     print("(d) memory of building each pipeline, fresh processes", flush=True)
-    result["memory"] = {"metr-la-week": {w: isolated(_memory_worker, w, None) for w in ("ours", "reference")}}
+    result["memory"] = {"metr-la-week": {w: isolated(_memory_worker, w, None, timeout_s=900)
+                                         for w in ("ours", "reference")}}
     if not args.skip_full_shape:
         with tempfile.TemporaryDirectory() as tmp:
             folder = str(_write_full_shape(Path(tmp)))
-            result["memory"]["full-shape (SYNTHETIC)"] = {w: isolated(_memory_worker, w, folder)
+            result["memory"]["full-shape (SYNTHETIC)"] = {w: isolated(_memory_worker, w, folder, timeout_s=900)
                                                          for w in ("ours", "reference")}
 
     print_report(result, bundle)
