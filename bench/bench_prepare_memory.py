@@ -14,41 +14,25 @@ from __future__ import annotations
 
 import gc
 import json
-import pickle
 import tempfile
 import tracemalloc
 from pathlib import Path
 
-import pandas as pd
-
 from graphtune.data.prepare import prepare_dataset
-from graphtune.data.synthetic import random_geometric_graph, synthetic_series
+from generated_city import METR_LA_SHAPE, NAME as GENERATED, write_generated_city  # bench/, next to this script
 
-T, N = 34272, 207  # the full METR-LA shape
+T, N = METR_LA_SHAPE
 T_IN = T_OUT = 12
 TARGET_EXTRA = 2.0  # the target: peak extra memory <= 2x the raw array
-
-
-def _write_city(folder: Path) -> None:
-    adj, coords = random_geometric_graph(N, seed=0)
-    values = synthetic_series(T, adj, seed=0, missing_rate=0.08)  # 8% zeros like the real METR-LA
-    ids = [str(700000 + i) for i in range(N)]
-    index = pd.date_range("2012-03-01", periods=T, freq="5min")
-    pd.DataFrame(values, index=index, columns=ids).to_hdf(folder / "series.h5", key="df", mode="w")
-    with open(folder / "adj.pkl", "wb") as f:
-        pickle.dump([ids, {s: i for i, s in enumerate(ids)}, adj], f)
-    pd.DataFrame({"sensor_id": ids, "latitude": coords[:, 0], "longitude": coords[:, 1]}).to_csv(folder / "loc.csv")
 
 
 def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _write_city(folder)
-        city = {"gen": {"directory": str(folder), "series": "series.h5", "graph": "adj.pkl",
-                        "locations": "loc.csv", "series_options": {"key": "df"}}}
+        city = write_generated_city(folder, (T, N))
         gc.collect()
         tracemalloc.start()
-        bundle = prepare_dataset("gen", root=folder, cities=city, use_processed=False)
+        bundle = prepare_dataset(GENERATED, root=folder, cities=city, use_processed=False)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     raw_bytes = T * N * 8

@@ -54,7 +54,6 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import pickle  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -67,11 +66,11 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from graphtune.data.bundle import Scaler  # noqa: E402
 from graphtune.data.prepare import prepare_dataset  # noqa: E402
-from graphtune.data.synthetic import random_geometric_graph, synthetic_series  # noqa: E402
 from graphtune.metrics import MetricAccumulator, masked_mae_loss  # noqa: E402
 from graphtune.models import build_model, model_defaults  # noqa: E402
 from graphtune.profiling import ResourceMonitor  # noqa: E402
-from isolation import isolated  # noqa: E402  (bench/, next to this script)
+from generated_city import METR_LA_SHAPE, NAME as GENERATED, city_entry, write_generated_city  # noqa: E402  (bench/)
+from isolation import isolated  # noqa: E402
 from reference_models import OURS, build_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +83,7 @@ WEIGHT_DECAY = 1e-4  # `fit`'s default
 CLIP = 5.0  # `fit`'s default
 WARMUP = 2  # untimed steps per model and pipeline: Adam state and first-touch allocations
 ROUNDS = 4  # (b) alternates ours / reference this many times
-FULL_SHAPE = (34272, 207)  # the full METR-LA series, for the memory comparison at scale
+FULL_SHAPE = METR_LA_SHAPE  # the full METR-LA series, for the memory comparison at scale
 
 
 # ----------------------------------------------------------------------------- THE REFERENCE (GraphTune-lite style)
@@ -243,7 +242,7 @@ def whole_implementations(bundle, name: str) -> dict:
     """Builders for the whole-implementation comparison: GraphTune's `name` vs GraphTune-lite's."""
     kwargs = {**model_defaults(name), **OURS[name]}
     return {"ours": lambda: build_model(name, bundle, **OURS[name]),
-            "reference": lambda: build_reference(name, bundle, kwargs), "kwargs": OURS[name]}
+            "reference": lambda: build_reference(name, bundle, kwargs)}
 
 
 # ----------------------------------------------------------------------------- (c) accuracy
@@ -280,27 +279,11 @@ def accuracy(bundle, name: str, builders: dict, epochs: int, seeds) -> dict:
 
 
 # ----------------------------------------------------------------------------- (d) memory, in fresh processes
-def _write_full_shape(folder: Path) -> Path:
-    """A GENERATED series of the full METR-LA shape with 8% zeros (missing), as an HDF5 file."""
-    t, n = FULL_SHAPE
-    adj, coords = random_geometric_graph(n, seed=0)
-    values = synthetic_series(t, adj, seed=0, missing_rate=0.08)
-    ids = [str(700000 + i) for i in range(n)]
-    index = pd.date_range("2012-03-01", periods=t, freq="5min")
-    pd.DataFrame(values, index=index, columns=ids).to_hdf(folder / "series.h5", key="df", mode="w")
-    with open(folder / "adj.pkl", "wb") as f:
-        pickle.dump([ids, {s: i for i, s in enumerate(ids)}, adj], f)
-    pd.DataFrame({"sensor_id": ids, "latitude": coords[:, 0], "longitude": coords[:, 1]}).to_csv(folder / "loc.csv")
-    return folder
-
-
 def _build_ours(folder: str | None) -> None:
     if folder is None:
         bundle = prepare_dataset("metr-la-week", root=ROOT, use_processed=False)  # from the raw h5, like the reference
     else:
-        city = {"gen": {"directory": folder, "series": "series.h5", "graph": "adj.pkl", "locations": "loc.csv",
-                        "series_options": {"key": "df"}}}
-        bundle = prepare_dataset("gen", root=folder, cities=city, use_processed=False)
+        bundle = prepare_dataset(GENERATED, root=folder, cities=city_entry(folder), use_processed=False)
     loaders = [bundle.loader(s, batch_size=BATCH, shuffle=s == "train") for s in ("train", "val", "test")]
     next(iter(loaders[0]))
 
@@ -375,7 +358,7 @@ def main(argv=None) -> dict:
         print(f"(e) whole implementations: {name}, >= {args.steps} steps, then {args.impl_epochs} epochs x seeds "
               f"{args.impl_seeds}", flush=True)
         run = training_throughput(bundle, ref, builders, args.steps, args.min_seconds)
-        run["ours_kwargs"] = builders["kwargs"]
+        run["ours_kwargs"] = OURS[name]
         run["accuracy"] = accuracy(bundle, name, builders, args.impl_epochs, args.impl_seeds)
         result["implementations"][name] = run
 
@@ -384,7 +367,8 @@ def main(argv=None) -> dict:
                                          for w in ("ours", "reference")}}
     if not args.skip_full_shape:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = str(_write_full_shape(Path(tmp)))
+            write_generated_city(Path(tmp), FULL_SHAPE)
+            folder = tmp
             result["memory"]["full-shape (SYNTHETIC)"] = {w: isolated(_memory_worker, w, folder, timeout_s=900)
                                                          for w in ("ours", "reference")}
 

@@ -276,11 +276,11 @@ class RefBigST(nn.Module):
 
 
 def build_reference(name: str, bundle, ours: dict) -> nn.Module:
-    """GraphTune-lite's implementation of `name`, at the widths of GraphTune's model built with `ours` kwargs."""
+    """GraphTune-lite's implementation of `name`, at the widths of GraphTune's model; `ours` holds all its kwargs."""
     if name == "baseline":
-        return RefBaseline(bundle.adj, bundle.t_out, hidden=ours.get("hidden", 32))
+        return RefBaseline(bundle.adj, bundle.t_out, hidden=ours["hidden"])
     if name == "hypernet":
-        return RefHyperNet(bundle.adj, bundle.coords, bundle.t_out, hidden=ours.get("hidden", 32))
+        return RefHyperNet(bundle.adj, bundle.coords, bundle.t_out, hidden=ours["hidden"])
     if name == "dcrnn":
         return RefDCRNN(bundle.adj, bundle.t_out, ours["hidden"], ours["num_layers"], ours["diffusion_steps"],
                         ours["cl_decay_steps"])
