@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import pickle
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +18,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import graphtune.data.prepare as prep
 from graphtune.cli import cli
-from graphtune.data.prepare import prepare_dataset, time_features, write_processed
-from graphtune.errors import ConfigError, DataError
+from graphtune.data.prepare import FORMAT_VERSION, prepare_dataset, time_features, write_processed
+from graphtune.errors import ConfigError, DataError, DataNotice
+from graphtune.fileio import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 WEEK = REPO / "data" / "sample" / "metr-la-week"
@@ -66,14 +72,16 @@ def _digest(folder: Path) -> dict:
 def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
     out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
     first = _digest(out)
-    assert set(first) == {"series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json"}
+    assert set(first) == {"series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json", MANIFEST}
     assert _digest(write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)) == first
     meta = json.loads((out / "meta.json").read_text())
     assert meta["shape"] == [2016, 104] and meta["splits"]["val"] == [1411, 1613]
     assert meta["sources"]["series"]["sha256"].startswith("6b4e7959")
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["arrays"] == {name: first[name] for name in ("adj.npy", "coords.npy", "series.npy", "time.npy")}
+    assert json.loads((out / MANIFEST).read_text()) == {
+        "files": ["adj.npy", "coords.npy", "meta.json", "series.npy", "time.npy"], "writer": "graphtune"}
     assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
-
-    import graphtune.data.prepare as prep
 
     calls = []
     real = prep._process
@@ -84,6 +92,130 @@ def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cached.values.numpy(), fresh.values.numpy())
     prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path, split=(0.6, 0.2, 0.2))
     assert len(calls) == 2  # other options -> stale -> read from raw
+
+
+# ----------------------------------------------------------------------------- processed arrays are verified
+def _spy_process(monkeypatch) -> list:
+    calls = []
+    real = prep._process
+    monkeypatch.setattr(prep, "_process", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _assert_same_bundle(a, b) -> None:
+    np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
+    np.testing.assert_array_equal(a.target.numpy(), b.target.numpy())  # NaN (missing) counts as equal
+    np.testing.assert_array_equal(a.adj, b.adj)
+    np.testing.assert_array_equal(a.coords, b.coords)
+    assert a.scaler == b.scaler and a.splits == b.splits and a.sensor_ids == b.sensor_ids
+
+
+def _notices(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, DataNotice)]
+
+
+def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    good_files = _digest(out)
+    good = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    size = (out / "series.npy").stat().st_size
+    series = np.load(out / "series.npy")
+    np.save(out / "series.npy", series[::-1].copy())  # same shape, dtype and size; other bytes
+    assert (out / "series.npy").stat().st_size == size
+    assert _digest(out)["series.npy"] != good_files["series.npy"]
+    calls = _spy_process(monkeypatch)
+    with pytest.warns(DataNotice) as record:
+        rebuilt = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert _notices(record) == [f"{out}/series.npy: contents differ from meta.json (changed after prepare); "
+                                f"rebuilt {out} from the raw files"]
+    assert calls == [1]
+    _assert_same_bundle(rebuilt, good)
+    assert rebuilt.meta == good.meta  # including the array hashes of the rewritten folder
+    assert _digest(out) == good_files  # rewritten byte for byte as `prepare` writes it
+    assert not list(tmp_path.glob(".*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataNotice)
+        again = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)  # verifies: no notice
+    assert calls == [1]  # read from the processed folder, not from raw
+    _assert_same_bundle(again, good)
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("remove coords", "coords.npy: missing (meta.json lists it)"),
+    ("unlist coords", "coords.npy: not listed in meta.json (added after prepare)"),
+    ("remove series", "series.npy: missing (meta.json lists it)"),
+])
+def test_missing_or_unlisted_arrays_are_rebuilt(tmp_path, damage, says):
+    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    good_files = _digest(out)
+    if damage == "remove coords":
+        (out / "coords.npy").unlink()
+    elif damage == "unlist coords":
+        meta = json.loads((out / "meta.json").read_text())
+        del meta["arrays"]["coords.npy"]
+        (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    else:
+        (out / "series.npy").unlink()
+    with pytest.warns(DataNotice) as record:
+        prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert _notices(record) == [f"{out}/{says}; rebuilt {out} from the raw files"]
+    assert _digest(out) == good_files
+
+
+def test_rebuild_that_cannot_be_written_uses_the_arrays_in_memory(tmp_path, monkeypatch):
+    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    good = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    series = np.load(out / "series.npy")
+    np.save(out / "series.npy", np.full_like(series, 7.0))
+    damaged = (out / "series.npy").read_bytes()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(out))
+
+    monkeypatch.setattr(prep, "atomic_directory", read_only)
+    with pytest.warns(DataNotice) as record:
+        rebuilt = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert _notices(record) == [
+        f"{out}/series.npy: contents differ from meta.json (changed after prepare); rebuilt it from the raw "
+        f"files for this run only; could not rewrite {out} (Read-only file system)"]
+    _assert_same_bundle(rebuilt, good)
+    assert (out / "series.npy").read_bytes() == damaged  # nothing was written
+
+
+def test_format_1_folder_is_stale_silently_and_prepare_replaces_it(tmp_path, monkeypatch):
+    """A folder written before array hashes existed (format 1, no manifest) is read from raw without a notice,
+    and `prepare` replaces it (its files are the legacy names) with the current format."""
+    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    good_files = _digest(out)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["arrays"]
+    meta["format_version"] = meta["options"]["format_version"] = 1
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    (out / MANIFEST).unlink()
+    old_files = _digest(out)
+    calls = _spy_process(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataNotice)
+        bundle = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert calls == [1] and bundle.meta["format_version"] == 2
+    assert _digest(out) == old_files  # stale is not damaged: the prepare stage rewrites it, not a reader
+    write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    assert _digest(out) == good_files
+
+
+def test_cli_prints_graphtune_notices_as_one_line():
+    """Through the real interpreter: `cli`'s group body makes GraphTune's warnings one stderr line each."""
+    code = (
+        "import warnings\n"
+        "from graphtune.cli import cli\n"
+        "from graphtune.errors import DataNotice\n"
+        "cli.callback()\n"
+        "warnings.warn('data/processed/x/series.npy: contents differ\\nfrom meta.json', DataNotice)\n"
+        "warnings.warn('someone else', DeprecationWarning)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stderr == ("graphtune: notice: data/processed/x/series.npy: contents differ from meta.json\n"
+                             "<string>:6: DeprecationWarning: someone else\n")
 
 
 # ----------------------------------------------------------------------------- user cities (CSV), intervals

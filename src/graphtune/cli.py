@@ -42,7 +42,10 @@ def _params(params_path: str, overrides: tuple[str, ...]):
 @click.version_option(package_name="graphtune")
 def cli():
     """GraphTune: how cheaply, and with which strategy, does a sensor-graph forecaster move to another city?"""
+    from graphtune.errors import format_warning
+
     warnings.simplefilter("default")
+    warnings.formatwarning = format_warning  # GraphTune's notices: one line `graphtune: notice: ...` on stderr
 
 
 @cli.command()

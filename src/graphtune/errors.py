@@ -1,4 +1,16 @@
-"""User-facing errors. The CLI turns any GraphTuneError into one line on stderr and exit code 2."""
+"""User-facing errors and notices.
+
+The CLI turns any GraphTuneError into one line on stderr and exit code 2, and prints GraphTune's warnings
+(GraphTuneNotice and its subclasses) as one line `graphtune: notice: ...` through `format_warning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+_PYTHON_FORMAT = warnings.formatwarning  # Python's own format, for every warning that is not GraphTune's
 
 
 class GraphTuneError(Exception):
@@ -11,3 +23,37 @@ class DataError(GraphTuneError, ValueError):
 
 class ConfigError(GraphTuneError, ValueError):
     """An option or params.yaml entry is invalid. The message names the option and what was expected."""
+
+
+class TrainingDiverged(GraphTuneError):
+    """A fit's loss or validation metrics became NaN or inf. The message names which, the epoch and the lr."""
+
+
+class OutputError(GraphTuneError):
+    """An output folder cannot be written without losing something GraphTune did not write. One line."""
+
+
+class GraphTuneNotice(UserWarning):
+    """Base for GraphTune's warnings: something the user should know, which GraphTune handled itself."""
+
+
+class DataNotice(GraphTuneNotice):
+    """A data file was not what its record says (e.g. changed after `prepare`); GraphTune rebuilt it."""
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the CLI: GraphTune's warnings as one line, every other as Python prints it.
+
+    A warning is GraphTune's when its category is a GraphTuneNotice, or when it is a plain UserWarning
+    raised from GraphTune's own code (the loaders' and fetchers' warnings about a user's files).
+    """
+    if issubclass(category, GraphTuneNotice) or (category is UserWarning and _in_package(filename)):
+        return f"graphtune: notice: {' '.join(str(message).split())}\n"  # whitespace folded: always one line
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+def _in_package(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError, TypeError):
+        return False

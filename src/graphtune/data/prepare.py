@@ -8,11 +8,16 @@ files otherwise. `write_processed(city)` is the DVC `prepare` stage: it writes
     data/processed/<city>/time.npy     (T, 2) float32, time of day in [0, 1), day of week 0..6
     data/processed/<city>/adj.npy      (N, N) float32
     data/processed/<city>/coords.npy   (N, 2) float64 latitude, longitude (absent if unknown)
-    data/processed/<city>/meta.json    shape, interval, split boundaries, null value, scaler, sources
+    data/processed/<city>/meta.json    shape, interval, split boundaries, null value, scaler, sources,
+                                       and the sha256 of each array file above ("arrays")
 
 byte-identical when rerun on the same input (npy has no timestamps; JSON keys are sorted).
-The folder is written next to its final place and renamed into it only when complete, so a
-failure never leaves a half-written city behind.
+The folder is written next to its final place and swapped into it only when complete (see
+graphtune.fileio), so a failure never leaves a half-written city behind.
+
+Reading it back verifies every array file against meta.json: a file changed after `prepare`
+(overwritten in place, truncated, removed) is reported in one DataNotice, and the city is rebuilt
+from its raw files, which rewrites the folder so the next run reads verified arrays again.
 
 Splits are chronological ranges of time steps (70/10/20 by default); the scaler is fit on the
 training range only; readings equal to the city's null value are missing (NaN in `series.npy`).
@@ -33,10 +38,14 @@ from graphtune.data.bundle import DatasetBundle, Scaler
 from graphtune.data.cities import CitySpec, get_city
 from graphtune.data.fetch import resolve_file, sha256_file
 from graphtune.data.loaders import align, coordinates_to_adjacency, read_graph, read_locations, read_series
-from graphtune.errors import ConfigError, DataError
+from graphtune.errors import ConfigError, DataError, DataNotice, OutputError
 from graphtune.fileio import atomic_directory
 
-FORMAT_VERSION = 1  # bump when the processed layout or its semantics change: old folders are then stale
+# Bump when the processed layout or its semantics change: old folders are then stale and read from raw.
+# 2: meta.json records the sha256 of every array file ("arrays"), and reading verifies them.
+FORMAT_VERSION = 2
+ARRAY_FILES = ("adj.npy", "coords.npy", "series.npy", "time.npy")
+REQUIRED_ARRAYS = ("adj.npy", "series.npy", "time.npy")  # coords.npy is absent when a city has no locations
 PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
 
 
@@ -91,13 +100,25 @@ def prepare_dataset(
 
     `cities` holds user city entries (params.yaml `cities:`); `data_source` is local | url | hf | auto;
     `url_overrides` maps a file name to a URL that replaces the registered one.
+
+    A processed folder whose arrays no longer match its meta.json is rebuilt from the raw files and
+    rewritten, with one DataNotice naming the file; where it cannot be rewritten (a read-only checkout,
+    foreign files in it) this run uses the rebuilt arrays and the notice says so.
     """
     spec, paths, sources, options = _inputs(city, root, cities, data_source, cache_dir, url_overrides, split,
                                             normalized_k, t_in, t_out, stride)
     out = Path(root, processed_dir, spec.name)
-    arrays = _read_processed(out, sources, options) if use_processed else None
+    arrays, problem = _read_processed(out, sources, options) if use_processed else (None, None)
     if arrays is None:
         arrays = _process(spec, paths, sources, options, cities)
+    if problem is not None:
+        try:
+            arrays.meta = _write_atomic(out, arrays)
+            done = f"rebuilt {out} from the raw files"
+        except (OSError, OutputError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            done = f"rebuilt it from the raw files for this run only; could not rewrite {out} ({reason})"
+        warnings.warn(f"{problem}; {done}", DataNotice, stacklevel=2)
     return _to_bundle(spec.name, arrays, t_in, t_out, stride)
 
 
@@ -285,32 +306,66 @@ def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> Dat
 
 
 # ----------------------------------------------------------------------------- files
-def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> _Arrays | None:
-    """The processed arrays when `out` is complete and current (same sources and options), else None."""
+def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> tuple[_Arrays | None, str | None]:
+    """Read the processed folder `out` back, verified.
+
+    (arrays, None): complete, current (same sources and options) and every array matches meta.json.
+    (None, None): absent or stale (other sources, options or FORMAT_VERSION): expected, read the raw files.
+    (None, problem): current but damaged; `problem` is one line naming the file, for the caller's notice.
+    """
     meta_path = out / "meta.json"
     if not meta_path.is_file():
-        return None
+        return None, None
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    current = {role: s["sha256"] for role, s in meta.get("sources", {}).items()}
-    if current != sources or meta.get("options") != options.to_dict():
-        return None
-    try:
-        coords = np.load(out / "coords.npy") if (out / "coords.npy").is_file() else None
-        return _Arrays(series=np.load(out / "series.npy"), time=np.load(out / "time.npy"),
-                       adj=np.load(out / "adj.npy"), coords=coords, meta=meta)
     except (OSError, ValueError):
-        warnings.warn(f"{out}: processed files are unreadable; reading the raw files instead")
-        return None
+        return None, None  # without its record the folder cannot be current: read the raw files as before
+    if not isinstance(meta, dict):
+        return None, None
+    current = {role: s.get("sha256") if isinstance(s, dict) else None for role, s in meta.get("sources", {}).items()}
+    if current != sources or meta.get("options") != options.to_dict():
+        return None, None
+    problem = _verify_arrays(out, meta.get("arrays"))
+    if problem is not None:
+        return None, problem
+    try:
+        coords = np.load(out / "coords.npy") if "coords.npy" in meta["arrays"] else None
+        return _Arrays(series=np.load(out / "series.npy"), time=np.load(out / "time.npy"),
+                       adj=np.load(out / "adj.npy"), coords=coords, meta=meta), None
+    except (OSError, ValueError) as err:  # changed between the hash and the load, or not an npy file
+        return None, f"{out}: processed arrays are unreadable ({err})"
 
 
-def _write_atomic(out: Path, a: _Arrays) -> None:
-    with atomic_directory(out) as tmp:
+def _verify_arrays(out: Path, declared) -> str | None:
+    """None when the array files in `out` are exactly those `declared` ({name: sha256}) with those contents,
+    else one line naming the first file that differs."""
+    if not isinstance(declared, dict):
+        return f"{out / 'meta.json'}: records no array hashes"
+    for name in sorted(set(ARRAY_FILES) | set(declared)):
+        path = out / name
+        if not path.is_file():
+            if name in declared or name in REQUIRED_ARRAYS:
+                return f"{path}: missing (meta.json lists it)" if name in declared else f"{path}: missing"
+        elif name not in declared:
+            return f"{path}: not listed in meta.json (added after prepare)"
+        elif sha256_file(path) != declared[name]:
+            return f"{path}: contents differ from meta.json (changed after prepare)"
+    return None
+
+
+def _write_atomic(out: Path, a: _Arrays) -> dict:
+    """Write the processed folder `out` in one step; returns the meta.json written (with the array hashes).
+
+    The hashes come from the files as written, not from the arrays in memory, so they describe exactly
+    the bytes a later read verifies. Older folders (no manifest) hold only PROCESSED_FILES: replaceable.
+    """
+    with atomic_directory(out, legacy_names=PROCESSED_FILES) as tmp:
         np.save(tmp / "series.npy", a.series)
         np.save(tmp / "time.npy", a.time)
         np.save(tmp / "adj.npy", a.adj)
         if a.coords is not None:
             np.save(tmp / "coords.npy", a.coords)
-        (tmp / "meta.json").write_text(json.dumps(a.meta, indent=1, sort_keys=True) + "\n")
+        arrays = {name: sha256_file(tmp / name) for name in ARRAY_FILES if (tmp / name).is_file()}
+        meta = {**a.meta, "arrays": arrays}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return meta
