@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.engine import FitResult, evaluate, fit
-from graphtune.errors import DataError
+from graphtune.errors import DataError, TrainingDiverged
 from graphtune.metrics import MetricAccumulator
 
 
@@ -133,6 +133,7 @@ def test_time_budget_stops_after_one_step(bundle):
     result = fit(_model(), bundle, epochs=5, lr=1e-2, batch_size=8, time_budget_s=0.0)
     assert result.stopped_reason == "time_budget"
     assert result.steps == 1 and len(result.history) == 1 and result.history[0]["steps"] == 1
+    assert result.samples == 8  # one batch of 8 windows
     assert result.train_time_s > 0
 
 
@@ -146,6 +147,7 @@ def test_few_shot_starts_subset_is_respected(bundle):
     model = RecordingModel()
     result = fit(model, bundle, epochs=2, lr=1e-2, batch_size=4, train_starts=subset)
     assert result.steps == 4  # 6 windows in batches of 4 = 2 steps per epoch
+    assert result.samples == 12  # (4 + 2) windows per epoch, 2 epochs
     seen = torch.cat(model.train_inputs)  # (12, T_in, N, C): each subset window once per epoch
     expected, _ = bundle.batch(subset)
     key = lambda x: x[:, :, :, 0].flatten(1)  # noqa: E731 - compare windows as rows, order-free
@@ -176,21 +178,76 @@ def test_all_missing_labels_train_without_nan(bundle):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # zero gradients: no update
 
 
-def test_all_missing_validation_keeps_first_epoch(bundle):
+def test_all_missing_validation_is_a_data_error_before_training(bundle):
     holey = dataclasses.replace(bundle, target=bundle.target.clone())
     lo, hi = holey.splits["val"]
     holey.target[lo:hi] = 0.0  # null value everywhere
-    result = fit(_model(), holey, epochs=2, lr=1e-2)
-    assert all(math.isnan(e["val_mae"]) for e in result.history)
-    assert result.best_epoch == 1 and all(math.isfinite(e["train_loss"]) for e in result.history)
+    model = RecordingModel()
+    with pytest.raises(DataError) as err:
+        fit(model, holey, epochs=2, lr=1e-2)
+    assert str(err.value) == ("synthetic-6: the val split has no observed readings (every label is missing or 0), "
+                              "so no epoch can be validated; check the data or prepare.split")
+    assert model.train_inputs == []  # nothing was trained
+
+
+def test_one_observed_validation_label_is_enough(bundle):
+    holey = dataclasses.replace(bundle, target=bundle.target.clone())
+    lo, hi = holey.splits["val"]
+    holey.target[lo:hi] = math.nan
+    holey.target[hi - 1, 3] = 50.0  # the last target step of the last val window
+    model = _model()
+    result = fit(model, holey, epochs=1, lr=1e-2)
+    assert math.isfinite(result.history[0]["val_mae"])
+    assert result.history[0]["val_mae"] == evaluate(model, holey, "val")["mae"]  # one label, measured exactly
+
+
+def test_split_without_validation_windows_is_a_data_error():
+    short = synthetic_bundle(num_nodes=4, num_steps=160, seed=0)  # val = 16 steps < T_in + T_out = 24
+    with pytest.raises(DataError, match=r"^synthetic-4: no validation windows \(the val split is shorter than "
+                                        r"T_in \+ T_out = 24 steps\); give prepare.split a larger val share$"):
+        fit(_model(), short, epochs=1, lr=1e-2)
+
+
+def test_exploding_lr_stops_with_training_diverged(bundle):
+    reported = []
+    with pytest.raises(TrainingDiverged) as err:
+        fit(_model(), bundle, epochs=3, lr=1e30, clip_grad=None, batch_size=32,
+            on_epoch_end=lambda epoch, entry: reported.append(epoch))
+    assert str(err.value) == ("synthetic-6: training diverged at epoch 1 (lr 1e+30): train loss nan, val MAE nan, "
+                              "val RMSE nan; lower train.lrs or set train.clip_grad")
+    assert reported == []  # a diverged epoch is never reported as a result
+
+
+class FiniteInTrainingOnly(LinearOverTime):
+    """Trains normally but forecasts inf in evaluation: only the validation metrics become non-finite."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if self.training else torch.full_like(out, math.inf)
+
+
+def test_non_finite_validation_alone_stops_the_fit(bundle):
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged) as err:
+        fit(FiniteInTrainingOnly(), bundle, epochs=2, lr=1e-2, batch_size=32)
+    assert str(err.value) == ("synthetic-6: training diverged at epoch 1 (lr 0.01): val MAE inf, val RMSE inf; "
+                              "lower train.lrs or lower train.clip_grad (now 5)")
+
+
+def test_samples_count_every_window_trained_on(bundle):
+    starts = bundle.window_starts("train")[:100]
+    result = fit(_model(), bundle, epochs=3, lr=1e-2, batch_size=32, train_starts=starts)
+    assert (result.steps, result.samples) == (3 * 4, 3 * 100)  # batches of 32, 32, 32, 4
+    capped = fit(_model(), bundle, epochs=3, lr=1e-2, batch_size=32, train_starts=starts, max_steps_per_epoch=2)
+    assert (capped.steps, capped.samples) == (3 * 2, 3 * 64)
 
 
 def test_model_without_trainable_parameters_skips_training(bundle):
     model = Constant(0.5)
     result = fit(model, bundle, epochs=3, lr=1e-2)
     assert isinstance(result, FitResult)
-    assert (result.stopped_reason, result.steps, result.best_epoch, result.history) == (
-        "no_trainable_parameters", 0, 0, [])
+    assert (result.stopped_reason, result.steps, result.samples, result.best_epoch, result.history) == (
+        "no_trainable_parameters", 0, 0, 0, [])
     assert torch.equal(result.best_state["c"], torch.tensor(0.5))
 
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from graphtune.checks import Check, integer
 from graphtune.data.synthetic import synthetic_bundle
-from graphtune.models import build_model, list_models, load_partial_state
+from graphtune.errors import ConfigError
+from graphtune.models import build_model, list_models, load_partial_state, model_defaults
+from graphtune.models.registry import check_model_kwargs, model_options, register_model
 from graphtune.models.layers import daily_profile, graph_statistics, propagate, random_walk_supports
 from graphtune.models.transfer import SKIP_NODE, is_node_specific
 
@@ -115,6 +118,75 @@ def test_bigst_forward_flops_grow_linearly_with_nodes():
     bigst_ratio = flops("bigst", 2000) / flops("bigst", 1000)
     assert bigst_ratio < 2.2
     assert flops("gwnet", 400) / flops("gwnet", 200) > 3.0  # the check can tell quadratic from linear
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_option_declares_a_check_that_its_default_passes(name):
+    options, defaults = model_options(name), model_defaults(name)
+    assert set(options) == set(defaults)
+    for key, check in options.items():
+        assert isinstance(check, Check)
+        assert check(defaults[key], key) == defaults[key]
+    assert check_model_kwargs(name, {}) == defaults
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("hypernet", {"hidden": -4}, "experiment.model_kwargs.hidden: expected an integer >= 1, got -4"),
+    ("baseline", {"dropout": -0.1}, "experiment.model_kwargs.dropout: expected a finite number in [0, 1), got -0.1"),
+    ("hypernet", {"dropout": 1.0}, "experiment.model_kwargs.dropout: expected a finite number in [0, 1), got 1.0"),
+    ("gwnet", {"blocks": 2.5}, "experiment.model_kwargs.blocks: expected an integer >= 1, got 2.5"),
+    ("gwnet", {"adaptive": 1}, "experiment.model_kwargs.adaptive: expected true or false, got 1"),
+    ("bigst", {"tau": 0}, "experiment.model_kwargs.tau: expected a finite number > 0, got 0"),
+    ("dcrnn", {"hidden": True}, "experiment.model_kwargs.hidden: expected an integer >= 1, got True"),
+    ("ha", {"slots_per_day": 0}, "experiment.model_kwargs.slots_per_day: expected null or an integer >= 1, got 0"),
+    ("hypernet", {"hiden": 8}, "experiment.model_kwargs: model 'hypernet' has no option(s) hiden; "
+                               "its options are: dropout, hidden, profile_bins, prompt_hidden"),
+    ("persistence", {"hidden": 8}, "experiment.model_kwargs: model 'persistence' has no option(s) hidden; "
+                                   "its options are: none"),
+])
+def test_out_of_range_model_kwargs_fail_before_building(name, kwargs, message, bundles):
+    with pytest.raises(ConfigError) as err:
+        check_model_kwargs(name, kwargs)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError) as err:
+        build_model(name, bundles[7], **kwargs)
+    assert str(err.value) == message
+
+
+def test_model_kwargs_are_named_after_the_option_they_come_from():
+    with pytest.raises(ConfigError, match=r"^source\.model_kwargs\.hidden: expected an integer >= 1, got 0$"):
+        check_model_kwargs("hypernet", {"hidden": 0}, option="source.model_kwargs")
+    with pytest.raises(ConfigError, match=r"^experiment\.model_kwargs: expected a mapping, got \[\('hidden', 8\)\]$"):
+        check_model_kwargs("hypernet", [("hidden", 8)])
+    with pytest.raises(ConfigError, match=r"^unknown model 'transformerxl'; known models: "):
+        check_model_kwargs("transformerxl", {})
+    assert check_model_kwargs("hypernet", {"hidden": 8}) == {**model_defaults("hypernet"), "hidden": 8}
+
+
+def _sized(bundle, *, hidden=4):
+    return None
+
+
+def _unsized(bundle, *, hidden):
+    return None
+
+
+def _loose(bundle, **kwargs):
+    return None
+
+
+@pytest.mark.parametrize("builder, options, message", [
+    (_sized, {}, "option 'hidden' declares no check in register_model(options=...)"),
+    (_sized, {"hidden": integer(min=8)}, "the default fails its own check: hidden: expected an integer >= 8, got 4"),
+    (_sized, {"hidden": integer(), "depth": integer()}, "checks for option(s) the builder does not take: depth"),
+    (_unsized, {"hidden": integer()}, "option 'hidden' has no default"),
+    (_loose, {}, "*kwargs cannot be checked; name every option"),
+])
+def test_registration_rejects_undeclared_or_invalid_options(builder, options, message):
+    with pytest.raises(ValueError) as err:
+        register_model("test-invalid", options=options)(builder)
+    assert str(err.value) == f"model 'test-invalid' ({builder.__module__}.{builder.__name__}): {message}"
+    assert "test-invalid" not in list_models()  # a failed registration registers nothing
 
 
 def test_random_walk_supports_exact():

@@ -7,29 +7,65 @@ falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from graphtune.checks import (
+    Check, boolean, choice, hinted, integer, list_of, mapping, number, optional, per_stage, text,
+)
+from graphtune.data.prepare import PrepareOptions
 from graphtune.errors import ConfigError
+
+
+def option(default, check: Check):
+    """A section field with its check in `metadata["check"]`; a list or dict default is copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+class _PrepareRule(Check):
+    """A prepare option whose range rule lives in PrepareOptions (one place): the type is checked here,
+    then PrepareOptions raises its own one-line ConfigError naming `prepare.<key>`."""
+
+    def __init__(self, key: str, type_check: Check, description: str):
+        self.key, self.type_check, self.description = key, type_check, description
+
+    def accepts(self, value) -> bool:
+        return self.type_check.accepts(value)
+
+    def check_items(self, value, option: str) -> None:
+        self.type_check.check_items(value, option)
+        PrepareOptions(**{self.key: tuple(value) if isinstance(value, list) else value})
+
+
+POSITIVE = number(min=0, min_open=True)
+NON_NEGATIVE = number(min=0)
 
 
 @dataclass
 class PrepareConfig:
     """`prepare:` how raw city files become processed arrays and windows."""
 
-    cities: list[str] = field(default_factory=lambda: ["metr-la-week", "metr-la-west", "metr-la-east"])
-    processed_dir: str = "data/processed"  # the DVC prepare stage's output folder
-    data_source: str = "local"  # local | url | hf | auto (local first, then the registered sources)
-    cache_dir: str = "data/raw/.cache"  # downloads land here, verified by sha256
-    url_overrides: dict = field(default_factory=dict)  # file name -> URL that replaces the registered one
-    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # chronological, the DCRNN protocol
-    normalized_k: float = 0.1  # DCRNN's Gaussian-kernel threshold for distance/coordinate graphs
-    t_in: int = 12  # 12 x 5 min = 1 h of history (DCRNN/GWNet protocol)
-    t_out: int = 12  # 12 x 5 min = 1 h ahead
-    stride: int = 1  # every window for training; >1 thins training windows on long series
+    # the embedded real sample; at least one, or the DVC prepare stage would write nothing
+    cities: list[str] = option(["metr-la-week", "metr-la-west", "metr-la-east"], list_of(text(nonempty=True)))
+    processed_dir: str = option("data/processed", text(nonempty=True))  # the DVC prepare stage's output folder
+    # local | url | hf | auto (local first, then the registered sources)
+    data_source: str = option("local", choice("local", "url", "hf", "auto"))
+    cache_dir: str = option("data/raw/.cache", text(nonempty=True))  # downloads land here, verified by sha256
+    url_overrides: dict = option({}, mapping())  # file name -> URL that replaces the registered one
+    # chronological, the DCRNN protocol
+    split: list[float] = option([0.7, 0.1, 0.2], _PrepareRule("split", list_of(number(), min_len=0),
+                                                               "three positive fractions summing to 1"))
+    # DCRNN's Gaussian-kernel threshold for distance/coordinate graphs
+    normalized_k: float = option(0.1, _PrepareRule("normalized_k", number(), "a value in [0, 1)"))
+    t_in: int = option(12, integer(min=1))  # 12 x 5 min = 1 h of history (DCRNN/GWNet protocol)
+    t_out: int = option(12, integer(min=1))  # 12 x 5 min = 1 h ahead
+    stride: int = option(1, integer(min=1))  # every window for training; >1 thins training windows on long series
 
     def dataset_kwargs(self) -> dict:
         """Keyword arguments for prepare_dataset / write_processed."""
@@ -44,79 +80,100 @@ class PrepareConfig:
 class ExperimentConfig:
     """`experiment:` what is transferred where, and how."""
 
-    datasets: list[str] = field(default_factory=lambda: ["metr-la-west", "metr-la-east"])  # stage 0 = source
-    model: str = "gwnet"  # a registered model name (graphtune models)
-    model_kwargs: dict = field(default_factory=dict)  # overrides of the model's builder defaults
-    strategy: str = "full"  # full | freeze-transferred | scratch (see graphtune.strategies)
-    seed: int = 0  # seeds init, shuffling and the few-shot subsets: same seed, same metrics on CPU
-    device: str = "auto"  # auto = cuda when available, else cpu
-    output_dir: str = "outputs/experiment"  # results.json, results.csv, plots (DVC outputs)
-    name: str = ""  # parent run name; empty = "<model>-<strategy>-<source>-to-<targets>"
+    # stage 0 = source, later cities are targets
+    datasets: list[str] = option(["metr-la-west", "metr-la-east"], list_of(text(nonempty=True)))
+    model: str = option("gwnet", text(nonempty=True))  # a registered model name (graphtune models)
+    # overrides of the model's builder defaults; names and ranges are checked by check_model_kwargs
+    model_kwargs: dict = option({}, mapping())
+    strategy: str = option("full", text(nonempty=True))  # full | freeze-transferred | scratch (graphtune.strategies)
+    # seeds init, shuffling and the few-shot subsets: same seed, same metrics on CPU
+    seed: int = option(0, integer(min=0))
+    device: str = option("auto", text(nonempty=True))  # auto = cuda when available, else cpu
+    output_dir: str = option("outputs/experiment", text(nonempty=True))  # results.json/csv, plots (DVC outputs)
+    name: str = option("", text())  # parent run name; empty = "<model>-<strategy>-<source>-to-<targets>"
 
 
 @dataclass
 class TrainConfig:
     """`train:` the optimisation of every fit (pretraining and each budget point)."""
 
-    epochs: list[int] = field(default_factory=lambda: [6, 3])  # per stage; one value applies to all stages
-    lrs: list[float] = field(default_factory=lambda: [0.003, 0.001])  # per stage; fine-tuning uses a smaller lr
-    batch_size: int = 64  # the GWNet/DCRNN protocol
-    weight_decay: float = 0.0001  # GWNet's default
-    clip_grad: float = 5.0  # GWNet/DCRNN clip gradients at norm 5
-    early_stop_patience: int = 0  # epochs without val improvement before stopping; 0 = never stop early
-    amp: str = "auto"  # auto = mixed precision on CUDA only; on | off
+    epochs: list[int] = option([6, 3], per_stage(integer(min=1)))  # per stage; one value applies to all stages
+    # per stage; fine-tuning uses a smaller lr. Finite and > 0: inf or 0 would train nothing meaningful
+    lrs: list[float] = option([0.003, 0.001], per_stage(POSITIVE))
+    batch_size: int = option(64, integer(min=1))  # the GWNet/DCRNN protocol
+    weight_decay: float = option(0.0001, NON_NEGATIVE)  # GWNet's default; negative would grow the weights
+    # GWNet/DCRNN clip gradients at norm 5; a norm <= 0 would flip or zero every gradient
+    clip_grad: float | None = option(5.0, hinted(optional(POSITIVE), "use null to disable"))
+    # epochs without val improvement before stopping; 0 = never stop early
+    early_stop_patience: int = option(0, integer(min=0))
+    amp: str = option("auto", choice("auto", "on", "off"))  # auto = mixed precision on CUDA only; on | off
 
 
 @dataclass
 class TransferConfig:
     """`transfer:` the budget curve of every transfer stage and its loss-gradient scheduler."""
 
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # shares of the target's training data
-    fewshot_mode: str = "subset"  # subset (seeded random windows) | steps (capped optimizer steps) | both
-    min_gain_rate: float = 0.5  # val-MAE gain per unit of budget below which a step counts as flat
-    min_rel_improve: float = 0.01  # relative val-MAE gain below which a step counts as flat
-    patience: int = 0  # flat steps tolerated before the curve stops (0 = stop at the first flat step)
+    # shares of the target's training data, in (0, 1]: 0 is the zero-shot point, which every curve measures
+    fractions: list[float] = option([0.1, 0.3, 1.0], list_of(number(min=0, max=1, min_open=True)))
+    # subset (seeded random windows) | steps (capped optimizer steps) | both
+    fewshot_mode: str = option("subset", choice("subset", "steps", "both"))
+    min_gain_rate: float = option(0.5, number())  # val-MAE gain per unit of budget below which a step counts as flat
+    min_rel_improve: float = option(0.01, number())  # relative val-MAE gain below which a step counts as flat
+    patience: int = option(0, integer(min=0))  # flat steps tolerated before the curve stops (0 = the first stops it)
+    # days of unlabelled target readings at the end of the target's training split that a strategy may read
+    # at zero-shot, for node prompts and the scaler; 0 = zero-shot sees only the graph and coordinates
+    prompt_days: float = option(0.0, NON_NEGATIVE)
 
 
 @dataclass
 class BudgetConfig:
     """`budgets:` resource budgets per stage; usage above a budget is penalised in S_uep (null = no budget)."""
 
-    mem_mb: float | None = None  # peak memory (GPU when on CUDA, else process RSS above the stage start)
-    time_sec: float | None = None  # training wall time of the stage
-    flops_g: float | None = None  # forward GFLOPs per batch
-    trainable_m: float | None = None  # trainable parameters, millions
-    enforce: bool = False  # also stop a stage's training once it exceeds its time budget
+    # peak memory (GPU when on CUDA, else process RSS above the stage start)
+    mem_mb: float | None = option(None, optional(POSITIVE))
+    time_sec: float | None = option(None, optional(POSITIVE))  # training wall time of the stage
+    flops_g: float | None = option(None, optional(POSITIVE))  # forward GFLOPs per batch
+    trainable_m: float | None = option(None, optional(POSITIVE))  # trainable parameters, millions
+    enforce: bool = option(False, boolean())  # also stop a stage's training once it exceeds its time budget
 
 
 @dataclass
 class ScoreConfig:
-    """`score:` S_uep weights (see graphtune.score for the formula)."""
+    """`score:` S_uep weights and the reference budgets of the comparable score (see graphtune.score)."""
 
-    w_perf: float = 0.45
-    w_transfer_auc: float = 0.35
-    w_eff: float = 0.20
-    w_budget: float = 0.25
-    alpha: float = 1.0  # stage weight ~ difficulty ** alpha
+    # GraphTune-lite's weights; each >= 0, since a negative weight would reward a worse forecast or an overrun
+    w_perf: float = option(0.45, NON_NEGATIVE)  # accuracy is the main goal
+    w_transfer_auc: float = option(0.35, NON_NEGATIVE)  # how quickly fine-tuning improves over zero-shot
+    w_eff: float = option(0.20, NON_NEGATIVE)  # cheaper is better, but never at the price of accuracy
+    w_budget: float = option(0.25, NON_NEGATIVE)  # subtracted per unit of relative budget overrun
+    alpha: float = option(1.0, NON_NEGATIVE)  # stage weight ~ difficulty ** alpha; 0 = every stage counts equally
+    # Reference budgets: at the reference a cost counts half (cost share u / (u + ref)).
+    # fine-tuning compute of one target stage over its whole budget curve, TFLOPs
+    ref_finetune_tflops: float = option(10.0, POSITIVE)
+    ref_trainable_m: float = option(0.1, POSITIVE)  # trainable parameters, millions
+    ref_size_mb: float = option(1.0, POSITIVE)  # model size, MB
+    ref_infer_gflops: float = option(1.0, POSITIVE)  # forward GFLOPs per window
 
 
 @dataclass
 class TrackingConfig:
     """`tracking:` where and how runs are recorded in MLflow."""
 
-    experiment_name: str = "graphtune"
-    tracking_uri: str = ""  # empty = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    system_metrics: bool = False  # MLflow's own CPU/memory/GPU sampling on the parent run
-    log_checkpoints: bool = True  # the best checkpoint of every stage as an artifact
+    experiment_name: str = option("graphtune", text(nonempty=True))  # MLflow rejects an empty experiment name
+    tracking_uri: str = option("", text())  # empty = MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    system_metrics: bool = option(False, boolean())  # MLflow's own CPU/memory/GPU sampling on the parent run
+    log_checkpoints: bool = option(True, boolean())  # the best checkpoint of every stage as an artifact
 
 
 @dataclass
 class CompareConfig:
     """`compare:` which runs the leaderboard covers and where it is written."""
 
-    experiment_names: list[str] = field(default_factory=list)  # empty = every experiment in the store
-    filter: str = ""  # an MLflow search filter, e.g. "tags.`graphtune.datasets` = 'metr-la-west,metr-la-east'"
-    output_dir: str = "outputs/compare"
+    # empty = every experiment in the store
+    experiment_names: list[str] = option([], list_of(text(nonempty=True), min_len=0))
+    # an MLflow search filter, e.g. "tags.`graphtune.datasets` = 'metr-la-west,metr-la-east'"; empty = none
+    filter: str = option("", text())
+    output_dir: str = option("outputs/compare", text(nonempty=True))  # leaderboard CSV, Markdown, PNG
 
 
 SECTIONS: dict[str, type] = {
@@ -126,8 +183,19 @@ SECTIONS: dict[str, type] = {
 FREE_SECTIONS = ("cities",)  # mappings passed through as they are (validated by their consumer)
 
 
+def validate_section(name: str, section) -> None:
+    """Check every field of one section against its declared check; errors name `<name>.<field>`."""
+    cls = SECTIONS[name]
+    if not isinstance(section, cls):
+        raise ConfigError(f"params section {name!r}: expected a {cls.__name__}, got {type(section).__name__}")
+    for f in dataclasses.fields(cls):
+        f.metadata["check"](getattr(section, f.name), f"{name}.{f.name}")
+
+
 @dataclass
 class Params:
+    """Every section of params.yaml, typed. `validate()` re-checks all of them after attributes were set."""
+
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,6 +207,16 @@ class Params:
     cities: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)  # the merged YAML, for logging
 
+    def validate(self) -> "Params":
+        """Check every option of every section (and that `cities` is a mapping); returns self.
+
+        load_params already validates; call this again after setting attributes (the CLI's options).
+        """
+        for name in SECTIONS:
+            validate_section(name, getattr(self, name))
+        mapping()(self.cities, "cities")
+        return self
+
     def as_dict(self) -> dict:
         """Every section with defaults filled in (what a run logs as its parameters)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -147,13 +225,32 @@ class Params:
 
 
 def _coerce(section: str, key: str, value, default):
-    """Parse a CLI override string into the type of the default value."""
+    """Parse a CLI override string as YAML, unless the option is a string (then `name=123` stays "123").
+
+    A numeric option also reads what YAML 1.1 leaves as strings but Python reads as floats (`1e-4`, `inf`),
+    in a list too, so `train.lrs=[1e-3,5e-4]` gives floats and `train.lrs=inf` is rejected as inf.
+    """
     if not isinstance(value, str) or isinstance(default, str):
         return value
     try:
-        return yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as err:
         raise ConfigError(f"{section}.{key}: cannot parse {value!r} ({err.problem})") from None
+    items = default if isinstance(default, list) else [default]
+    numeric = all(item is None or (isinstance(item, (int, float)) and not isinstance(item, bool)) for item in items)
+    if not numeric or not items:
+        return parsed
+    return [_float_text(v) for v in parsed] if isinstance(parsed, list) else _float_text(parsed)
+
+
+def _float_text(value):
+    """`value` as a float when it is a string Python reads as one ("1e-4", "inf"), else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _build(section: str, cls: type, values: dict):
@@ -168,7 +265,10 @@ def _build(section: str, cls: type, values: dict):
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Load params.yaml (missing file -> all defaults when path is None) and apply `section.key=value` overrides."""
+    """Load params.yaml (path None -> all defaults), apply `section.key=value` overrides, validate every option.
+
+    Raises ConfigError with one line naming the file, section or option (e.g. `train.weight_decay`).
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -200,4 +300,4 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     cities = data.get("cities") or {}
     if not isinstance(cities, dict):
         raise ConfigError(f"{path}: section 'cities' must map city names to their entries")
-    return Params(**built, cities=cities, raw=data)
+    return Params(**built, cities=cities, raw=data).validate()

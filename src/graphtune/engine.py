@@ -19,8 +19,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from graphtune.data.bundle import DatasetBundle
-from graphtune.errors import DataError
-from graphtune.metrics import MetricAccumulator, masked_mae_loss
+from graphtune.errors import DataError, TrainingDiverged
+from graphtune.metrics import MetricAccumulator, masked_mae_loss, valid_mask
 
 
 @dataclass
@@ -33,6 +33,7 @@ class FitResult:
     train_time_s: float = 0.0  # wall time of the whole fit, validation included (synchronized on CUDA)
     stopped_reason: str = "completed"  # completed | early_stopping | time_budget | no_trainable_parameters
     steps: int = 0  # optimizer steps taken in total
+    samples: int = 0  # training windows processed in total (the batch sizes of all steps summed)
 
     @property
     def best_val_mae(self) -> float:
@@ -80,6 +81,10 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
     - on_epoch_end(epoch, entry): called with each history entry: epoch (1-based), train_loss
       (mean batch loss), val_mae, val_rmse, epoch_time_s (train + validation), val_time_s, steps.
 
+    Raises TrainingDiverged when, at the end of an epoch, the mean train loss or the val MAE/RMSE is NaN
+    or inf (checked once per epoch, where validation synchronizes anyway; the steps stay sync-free), and
+    DataError before training when the val split has no window or no observed label to validate on.
+
     Same seed, same data, same device (CPU) -> identical history.
     """
     torch.manual_seed(seed)  # dropout and any sampling inside the model
@@ -94,42 +99,46 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
     if loader.num_samples == 0:
         raise DataError(f"{bundle.name}: no training windows to fit on (train split shorter than "
                         f"T_in + T_out = {bundle.t_in + bundle.t_out} steps, or empty train_starts)")
+    _require_val_labels(bundle)
     steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
     bar = tqdm(total=epochs * steps_per_epoch, disable=not _show_progress(progress), unit="step", leave=False)
     result = FitResult(best_state=_copy_state(model), best_epoch=0)
     start, best_key, stale = _clock(device), math.inf, 0
-    for epoch in range(1, epochs + 1):
-        epoch_start = _clock(device)
-        losses = []
-        for x, y in loader:
-            losses.append(step_fn(x, y))
-            bar.update(1)
-            over_time = time_budget_s is not None and time.perf_counter() - start > time_budget_s
-            if len(losses) >= steps_per_epoch or over_time:
+    try:
+        for epoch in range(1, epochs + 1):
+            epoch_start = _clock(device)
+            losses = []
+            for x, y in loader:
+                losses.append(step_fn(x, y))
+                result.samples += x.shape[0]  # a host-side shape: no sync
+                bar.update(1)
+                over_time = time_budget_s is not None and time.perf_counter() - start > time_budget_s
+                if len(losses) >= steps_per_epoch or over_time:
+                    break
+            val_start = _clock(device)
+            val = evaluate(model, bundle, "val", batch_size=batch_size, device=device)
+            now = _clock(device)
+            entry = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), "val_mae": val["mae"],
+                     "val_rmse": val["rmse"], "epoch_time_s": now - epoch_start, "val_time_s": now - val_start,
+                     "steps": len(losses)}
+            _require_finite(entry, bundle.name, lr, clip_grad)
+            result.history.append(entry)
+            result.steps += len(losses)
+            bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
+            if result.best_epoch == 0 or val["mae"] < best_key:
+                result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, val["mae"], 0
+            else:
+                stale += 1
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, entry)
+            if time_budget_s is not None and now - start > time_budget_s:
+                result.stopped_reason = "time_budget"
                 break
-        val_start = _clock(device)
-        val = evaluate(model, bundle, "val", batch_size=batch_size, device=device)
-        now = _clock(device)
-        entry = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), "val_mae": val["mae"],
-                 "val_rmse": val["rmse"], "epoch_time_s": now - epoch_start, "val_time_s": now - val_start,
-                 "steps": len(losses)}
-        result.history.append(entry)
-        result.steps += len(losses)
-        bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
-        key = math.inf if math.isnan(val["mae"]) else val["mae"]  # an all-missing val split never "improves"
-        if result.best_epoch == 0 or key < best_key:
-            result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, key, 0
-        else:
-            stale += 1
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, entry)
-        if time_budget_s is not None and now - start > time_budget_s:
-            result.stopped_reason = "time_budget"
-            break
-        if patience is not None and stale >= patience:
-            result.stopped_reason = "early_stopping"
-            break
-    bar.close()
+            if patience is not None and stale >= patience:
+                result.stopped_reason = "early_stopping"
+                break
+    finally:
+        bar.close()
     model.load_state_dict(result.best_state)
     result.train_time_s = _clock(device) - start
     return result
@@ -168,6 +177,29 @@ class _TrainStep:
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         return loss.detach()
+
+
+def _require_val_labels(bundle: DatasetBundle) -> None:
+    """Fail before training when validation cannot measure anything: a data problem, not a diverged fit."""
+    starts = bundle.window_starts("val")
+    if starts.numel() == 0:
+        raise DataError(f"{bundle.name}: no validation windows (the val split is shorter than T_in + T_out = "
+                        f"{bundle.t_in + bundle.t_out} steps); give prepare.split a larger val share")
+    # every val label: the targets of the first window through those of the last (evaluation uses stride 1)
+    labels = bundle.target[int(starts[0]) + bundle.t_in : int(starts[-1]) + bundle.t_in + bundle.t_out]
+    if not bool(valid_mask(labels, bundle.null_value).any()):
+        raise DataError(f"{bundle.name}: the val split has no observed readings (every label is missing or "
+                        f"{bundle.null_value:g}), so no epoch can be validated; check the data or prepare.split")
+
+
+def _require_finite(entry: dict, name: str, lr: float, clip_grad: float | None) -> None:
+    """Raise TrainingDiverged naming what became NaN or inf in an epoch's history entry."""
+    labels = {"train_loss": "train loss", "val_mae": "val MAE", "val_rmse": "val RMSE"}
+    bad = [f"{label} {entry[key]}" for key, label in labels.items() if not math.isfinite(entry[key])]
+    if bad:
+        advice = "set train.clip_grad" if not clip_grad else f"lower train.clip_grad (now {clip_grad:g})"
+        raise TrainingDiverged(f"{name}: training diverged at epoch {entry['epoch']} (lr {lr:g}): "
+                               f"{', '.join(bad)}; lower train.lrs or {advice}")
 
 
 def _copy_state(model: nn.Module) -> dict:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphtune.checks import integer, number, optional
 from graphtune.models.layers import DiffusionGraphConv, daily_profile, random_walk_supports, tod_slot
 from graphtune.models.registry import register_model
 
@@ -58,7 +59,7 @@ class GraphBaseline(nn.Module):
         return self.head(h).transpose(1, 2)  # (B, T_out, N)
 
 
-@register_model("ha")
+@register_model("ha", options={"slots_per_day": optional(integer(min=1))})
 def ha(bundle, *, slots_per_day: int | None = None) -> HistoricalAverage:
     # None = one slot per sampling step (288 at 5 min): the finest profile the data supports.
     num_slots = slots_per_day or bundle.steps_per_day
@@ -66,7 +67,7 @@ def ha(bundle, *, slots_per_day: int | None = None) -> HistoricalAverage:
     return HistoricalAverage(profile, node_mean, bundle.t_out, bundle.steps_per_day)
 
 
-@register_model("baseline")
+@register_model("baseline", options={"hidden": integer(min=1), "dropout": number(min=0, max=1, max_open=True)})
 def baseline(bundle, *, hidden: int = 32, dropout: float = 0.0) -> GraphBaseline:
     # hidden=32: enough for a one-hour window of one variable; the model stays ~3k parameters.
     # dropout=0.0: the model is too small to overfit the sample.

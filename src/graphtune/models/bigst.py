@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphtune.checks import integer, number
 from graphtune.models.layers import tod_slot
 from graphtune.models.registry import register_model
 
@@ -113,7 +114,11 @@ class BigST(nn.Module):
         return out.transpose(1, 2)  # (B, T_out, N)
 
 
-@register_model("bigst")
+@register_model("bigst", options={
+    "hidden": integer(min=1), "node_emb_dim": integer(min=1), "time_emb_dim": integer(min=1),
+    "num_layers": integer(min=1), "random_feature_dim": integer(min=1), "tau": number(min=0, min_open=True),
+    "dropout": number(min=0, max=1, max_open=True), "seed": integer(min=0),
+})
 def bigst(
     bundle,
     *,

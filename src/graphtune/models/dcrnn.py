@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphtune.checks import integer, number
 from graphtune.models.layers import random_walk_supports
 from graphtune.models.registry import register_model
 
@@ -151,7 +152,11 @@ class DCRNN(nn.Module):
         return torch.stack(outputs).squeeze(-1).permute(2, 0, 1)  # (T_out, N, B) -> (B, T_out, N)
 
 
-@register_model("dcrnn")
+@register_model("dcrnn", options={
+    "hidden": integer(min=1), "num_layers": integer(min=1),
+    "diffusion_steps": integer(min=1),  # 0 would leave a recurrent model that never reads the graph
+    "cl_decay_steps": number(min=0, min_open=True),
+})
 def dcrnn(
     bundle,
     *,

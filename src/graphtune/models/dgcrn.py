@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from graphtune.checks import integer, number
 from graphtune.models.dcrnn import teacher_forcing_probability
 from graphtune.models.layers import random_walk_supports
 from graphtune.models.registry import register_model
@@ -190,7 +191,12 @@ class DGCRN(nn.Module):
         return torch.cat(outputs, dim=-1).transpose(1, 2)  # (B, N, T_out) -> (B, T_out, N)
 
 
-@register_model("dgcrn")
+@register_model("dgcrn", options={
+    "hidden": integer(min=1), "node_dim": integer(min=1),
+    "depth": integer(min=1),  # 0 would leave a recurrent model that never reads the graph
+    "hyper_dim": integer(min=1), "middle_dim": integer(min=1), "tanh_alpha": number(min=0, min_open=True),
+    "cl_decay_steps": number(min=0, min_open=True),
+})
 def dgcrn(
     bundle,
     *,

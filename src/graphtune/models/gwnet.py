@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphtune.checks import boolean, integer, number
 from graphtune.errors import ConfigError
 from graphtune.models.layers import DiffusionGraphConv, adaptive_adjacency, random_walk_supports
 from graphtune.models.registry import register_model
@@ -99,7 +100,11 @@ class GraphWaveNet(nn.Module):
         return self.end_conv_2(h).transpose(1, 2)  # (B, T_out, N)
 
 
-@register_model("gwnet")
+@register_model("gwnet", options={
+    "residual_channels": integer(min=1), "dilation_channels": integer(min=1), "skip_channels": integer(min=1),
+    "end_channels": integer(min=1), "blocks": integer(min=1), "layers": integer(min=1), "adaptive": boolean(),
+    "node_emb_dim": integer(min=1), "dropout": number(min=0, max=1, max_open=True),
+})
 def gwnet(
     bundle,
     *,

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphtune.checks import integer, number
 from graphtune.models.layers import DiffusionGraphConv, daily_profile, graph_statistics, random_walk_supports
 from graphtune.models.registry import register_model
 
@@ -88,7 +89,10 @@ class HyperNet(nn.Module):
         return torch.einsum("bnh,nht->btn", h, weight) + bias.t()  # (B, T_out, N)
 
 
-@register_model("hypernet")
+@register_model("hypernet", options={
+    "hidden": integer(min=1), "prompt_hidden": integer(min=1), "profile_bins": integer(min=1),
+    "dropout": number(min=0, max=1, max_open=True),
+})
 def hypernet(
     bundle,
     *,

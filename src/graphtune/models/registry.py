@@ -1,7 +1,7 @@
-"""Register by name, build by name (the timm `_registry.py` pattern).
+"""Register by name, build by name (the timm `_registry.py` pattern), with every option range-checked.
 
-    @register_model("gwnet")
-    def gwnet(bundle, hidden=32, ...):   # the builder's keyword defaults ARE the model's defaults
+    @register_model("gwnet", options={"hidden": integer(min=1), "dropout": number(min=0, max=1, max_open=True)})
+    def gwnet(bundle, *, hidden=32, dropout=0.3):   # the builder's keyword defaults ARE the model's defaults
         return GraphWaveNet(...)
 
     model = build_model("gwnet", bundle, hidden=64)
@@ -10,6 +10,9 @@ A builder receives the DatasetBundle of the city it is built for (node count, gr
 coordinates, steps per day, T_in/T_out, training statistics) and explicit keyword
 arguments; it returns an nn.Module whose forward maps x (B, T_in, N, C) -> (B, T_out, N)
 in scaled units.
+
+Every keyword option declares its check (graphtune.checks) at registration, and its default must
+pass it, so `check_model_kwargs` can reject `experiment.model_kwargs` before any run opens.
 """
 
 from __future__ import annotations
@@ -19,18 +22,42 @@ from typing import Callable
 
 import torch.nn as nn
 
+from graphtune.checks import Check, mapping
 from graphtune.errors import ConfigError
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_OPTIONS: dict[str, dict[str, Check]] = {}
 
 
-def register_model(name: str):
-    """Decorator that registers `builder(bundle, **kwargs) -> nn.Module` under `name`."""
+def register_model(name: str, options: dict[str, Check] | None = None):
+    """Decorator that registers `builder(bundle, **kwargs) -> nn.Module` under `name`.
+
+    `options` maps each keyword option of the builder to its check; None = the builder has no options.
+    Registration fails with ValueError when an option lacks a check (or a default), a check names no
+    option, or a default fails its own check: programming errors, caught when the module is imported.
+    """
+    options = dict(options or {})
 
     def decorator(builder: Callable[..., nn.Module]):
         if name in _BUILDERS:
             raise ValueError(f"model {name!r} is already registered (by {_BUILDERS[name].__module__})")
-        _BUILDERS[name] = builder
+        where = f"model {name!r} ({builder.__module__}.{builder.__qualname__})"
+        params = list(inspect.signature(builder).parameters.values())[1:]  # the first one is the bundle
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ValueError(f"{where}: *{p.name} cannot be checked; name every option")
+            if p.default is p.empty:
+                raise ValueError(f"{where}: option {p.name!r} has no default")
+            if p.name not in options:
+                raise ValueError(f"{where}: option {p.name!r} declares no check in register_model(options=...)")
+            try:
+                options[p.name](p.default, p.name)
+            except ConfigError as err:
+                raise ValueError(f"{where}: the default fails its own check: {err}") from None
+        extra = sorted(set(options) - {p.name for p in params})
+        if extra:
+            raise ValueError(f"{where}: checks for option(s) the builder does not take: {', '.join(extra)}")
+        _BUILDERS[name], _OPTIONS[name] = builder, options
         builder.model_name = name
         return builder
 
@@ -54,15 +81,39 @@ def model_defaults(name: str) -> dict:
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def build_model(name: str, bundle, **kwargs) -> nn.Module:
-    """Build model `name` for `bundle`'s city. Unknown names or keyword arguments fail with what exists."""
-    builder = _builder(name)
-    known = model_defaults(name)
-    unknown = sorted(set(kwargs) - set(known))
+def model_options(name: str) -> dict[str, Check]:
+    """The check of every keyword option of model `name` (each has a human `description`)."""
+    _builder(name)  # unknown name -> the error listing the registered models
+    return dict(_OPTIONS[name])
+
+
+def check_model_kwargs(name: str, kwargs, option: str = "experiment.model_kwargs") -> dict:
+    """Check `kwargs` for model `name` before anything is built; returns the defaults updated with them.
+
+    Raises ConfigError (one line) for an unknown model, an unknown option (listing the known ones), or a
+    value out of its range, named `<option>.<key>`, e.g. `experiment.model_kwargs.hidden`.
+    """
+    checks = model_options(name)
+    mapping()(kwargs, option)
+    unknown = sorted(set(kwargs) - set(checks))
     if unknown:
         raise ConfigError(
-            f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: {', '.join(sorted(known))}"
+            f"{option}: model {name!r} has no option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(sorted(checks)) or 'none'}"
         )
-    model = builder(bundle, **kwargs)
+    for key, value in kwargs.items():
+        checks[key](value, f"{option}.{key}")
+    return {**model_defaults(name), **kwargs}
+
+
+def build_model(name: str, bundle, **kwargs) -> nn.Module:
+    """Build model `name` for `bundle`'s city.
+
+    Unknown names, unknown options and values out of range fail with check_model_kwargs's ConfigError
+    before the builder runs; options are named as the params entry they come from,
+    `experiment.model_kwargs.<key>`.
+    """
+    check_model_kwargs(name, kwargs)
+    model = _builder(name)(bundle, **kwargs)
     model.model_name = name
     return model
