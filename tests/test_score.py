@@ -113,3 +113,142 @@ def test_to_dict_is_flat_enough_for_json():
     assert set(d) == {"s_uep", "stages"}
     assert set(d["stages"][1]) == {"name", "perf_norm", "transfer_auc", "eff_norm", "budget_penalty",
                                    "stage_score", "difficulty_weight"}
+
+
+# ============================================================================ the comparable score
+from graphtune.score import (CostReferences, StageMeasures, comparable_score, cost_share,  # noqa: E402
+                             skill, skill_auc)
+
+REFS = CostReferences()
+
+
+def _target(**kw) -> StageMeasures:
+    args = dict(ref_rmse=10.0, test_rmse=6.0, zero_rmse=8.0, curve=[(0.1, 7.0), (0.3, 6.5), (1.0, 6.0)],
+                finetune_flops=1e12, trainable_params=2e4, size_mb=0.1, infer_flops=1e7, difficulty=2.0,
+                name="1:target")
+    return StageMeasures(**{**args, **kw})
+
+
+def _score(*stages, **kw) -> float:
+    return comparable_score(list(stages), **kw).score
+
+
+def test_skill_is_strictly_decreasing_bounded_and_zero_at_the_reference():
+    assert skill(10.0, 10.0) == 0.0 and skill(0.0, 10.0) == 1.0
+    assert skill(5.0, 10.0) == pytest.approx(0.5) and skill(20.0, 10.0) == pytest.approx(-0.5)
+    values = [skill(r, 10.0) for r in (0.0, 1.0, 5.0, 9.99, 10.0, 10.01, 20.0, 100.0, 1e6)]
+    assert all(a > b for a, b in zip(values, values[1:])) and all(-1 < v <= 1 for v in values)
+    assert skill(math.nan, 10.0) == -1.0 and skill(None, 10.0) == -1.0
+    with pytest.raises(ValueError, match="reference RMSE"):
+        skill(5.0, 0.0)
+
+
+def test_skill_auc_hand_computed():
+    # zero-shot 0.2; 0.3 at 0.1; 0.4 at 0.3, held to 1: 0.025 + 0.07 + 0.28
+    assert skill_auc(0.2, [(0.3, 0.4), (0.1, 0.3)]) == pytest.approx(0.375)
+    assert skill_auc(0.5, []) == pytest.approx(0.5)  # only the zero-shot point: flat
+    assert skill_auc(-0.5, [(1.0, 2.0)]) == pytest.approx(0.5)  # clipped to [0, 1]: (0 + 1) / 2
+    assert skill_auc(None, [(0.5, 0.4)]) == pytest.approx(0.1 + 0.2)  # no zero-shot point starts at 0
+
+
+def test_cost_share_is_half_at_every_reference():
+    at_refs = _target(finetune_flops=REFS.finetune_flops, trainable_params=REFS.trainable_params,
+                      size_mb=REFS.size_mb, infer_flops=REFS.infer_flops)
+    assert cost_share(at_refs, REFS) == pytest.approx(0.5)
+    assert cost_share(_target(finetune_flops=0, trainable_params=0, size_mb=0, infer_flops=0), REFS) == 0.0
+
+
+def test_hand_computed_stage_score():
+    stage = _target()
+    part = comparable_score([stage]).stages[0]
+    share = (1e12 / 11e12 + 2e4 / 1.2e5 + 0.1 / 1.1 + 1e7 / 1.01e9) / 4
+    auc = 0.1 * (0.2 + 0.3) / 2 + 0.2 * (0.3 + 0.35) / 2 + 0.7 * (0.35 + 0.4) / 2
+    assert (part.skill, part.zero_skill) == (pytest.approx(0.4), pytest.approx(0.2))
+    assert part.transfer_auc == pytest.approx(auc) and part.cost_share == pytest.approx(share)
+    assert part.stage_score == pytest.approx(0.45 * 0.4 + 0.35 * auc + 0.20 * 0.4 * (1 - share))
+
+
+def test_higher_rmse_at_equal_cost_scores_strictly_lower_everywhere():
+    rmses = [0.5, 3.0, 6.0, 9.9, 10.0, 10.1, 15.0, 40.0]
+    scores = [_score(_target(test_rmse=r, curve=[(0.1, 7.0), (1.0, r)])) for r in rmses]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+
+
+@pytest.mark.parametrize("final", [3.0, 9.0, 12.0, 30.0])  # with skill above and below the reference
+@pytest.mark.parametrize("key", ["finetune_flops", "trainable_params", "size_mb", "infer_flops"])
+def test_higher_cost_at_equal_rmse_scores_strictly_lower(key, final):
+    base = _target(test_rmse=final, curve=[(1.0, final)])
+    costs = [getattr(base, key) * f for f in (0.01, 1.0, 10.0, 1e3)]
+    scores = [_score(_target(test_rmse=final, curve=[(1.0, final)], **{key: c})) for c in costs]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_a_score_depends_on_its_own_run_only():
+    # A stage score is a function of its own measurements: scoring it alone or next to any other stage
+    # list gives the same parts (difficulty weights only mix the stages of ONE run).
+    one = comparable_score([_target()]).stages[0]
+    for others in ([_target(test_rmse=1.0)], [_target(test_rmse=50.0, finetune_flops=1e20)]):
+        again = comparable_score([_target(), *others]).stages[0]
+        assert (again.skill, again.transfer_auc, again.cost_share, again.stage_score) == \
+            (one.skill, one.transfer_auc, one.cost_share, one.stage_score)
+
+
+def test_scratch_never_outscores_a_transfer_with_the_same_curve():
+    curve = [(0.1, 9.0), (0.3, 7.0), (1.0, 6.0)]
+    transfer = _target(curve=curve, zero_rmse=8.0)
+    for random_zero in (0.1, 5.0, 8.0, 1e4):  # whatever a random initialisation happens to score
+        scratch = _target(curve=curve, zero_rmse=random_zero, transferred=False)
+        assert _score(scratch) <= _score(transfer)
+    assert _score(_target(curve=curve, zero_rmse=None, transferred=False)) < _score(transfer)
+    # and with a worse final error, strictly below
+    assert _score(_target(curve=curve[:2] + [(1.0, 6.5)], test_rmse=6.5, transferred=False)) < _score(transfer)
+
+
+def test_the_historical_average_scores_zero_and_ranks_below_any_better_model():
+    ha = _target(test_rmse=10.0, zero_rmse=10.0, curve=[(1.0, 10.0)], finetune_flops=0, trainable_params=0,
+                 size_mb=0, infer_flops=0)
+    assert _score(ha) == 0.0
+    costly_but_better = _target(test_rmse=9.99, zero_rmse=40.0, curve=[(1.0, 9.99)], finetune_flops=1e20,
+                                trainable_params=1e9, size_mb=1e4, infer_flops=1e15)
+    assert _score(costly_but_better) > 0.0
+    worse_but_free = _target(test_rmse=10.5, zero_rmse=10.5, curve=[(1.0, 10.5)], finetune_flops=0,
+                             trainable_params=0, size_mb=0, infer_flops=0)
+    assert _score(worse_but_free) < 0.0  # being free does not make a worse forecast better
+
+
+def test_single_stage_scores_differ_when_errors_differ():
+    scores = {r: _score(_target(kind="pretrain", test_rmse=r, zero_rmse=None, curve=[])) for r in (4.0, 5.0, 8.0)}
+    assert scores[4.0] > scores[5.0] > scores[8.0]
+    # the pretrain stage shares TransferAUC's weight out, as S_uep does
+    part = comparable_score([_target(kind="pretrain", zero_rmse=None, curve=[])]).stages[0]
+    assert part.transfer_auc == 0.0 and part.stage_score == pytest.approx(
+        (0.45 * part.skill + 0.20 * part.eff_term) / 0.65)
+
+
+def test_the_score_is_unit_free():
+    mph = _target()
+    kmh = _target(ref_rmse=10.0 * 1.609344, test_rmse=6.0 * 1.609344, zero_rmse=8.0 * 1.609344,
+                  curve=[(f, r * 1.609344) for f, r in mph.curve])
+    counts = _target(ref_rmse=1000.0, test_rmse=600.0, zero_rmse=800.0, curve=[(f, r * 100) for f, r in mph.curve])
+    assert _score(kmh) == pytest.approx(_score(mph)) and _score(counts) == pytest.approx(_score(mph))
+
+
+def test_budget_penalty_uses_the_measured_usage():
+    part = comparable_score([_target(usage={"mem_mb": 300.0, "time_s": 10.0})], budgets={"mem_mb": 200.0}).stages[0]
+    assert part.budget_penalty == pytest.approx(0.5)
+    free = comparable_score([_target(usage={"mem_mb": 300.0})]).stages[0]
+    assert part.stage_score == pytest.approx(free.stage_score - 0.25 * 0.5)
+
+
+def test_difficulty_weights_mix_the_stages_of_one_run():
+    easy, hard = _target(difficulty=1.0, test_rmse=5.0), _target(difficulty=3.0, test_rmse=8.0)
+    result = comparable_score([easy, hard])
+    assert [s.difficulty_weight for s in result.stages] == pytest.approx([0.25, 0.75])
+    assert result.score == pytest.approx(0.25 * result.stages[0].stage_score + 0.75 * result.stages[1].stage_score)
+
+
+def test_bad_references():
+    with pytest.raises(ConfigError, match="finetune_flops"):
+        CostReferences(finetune_flops=0.0)
+    with pytest.raises(ValueError, match="stage kind"):
+        comparable_score([_target(kind="magic")])

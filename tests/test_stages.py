@@ -7,7 +7,7 @@ import torch
 
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.errors import ConfigError
-from graphtune.stages import CurveSettings, Observer, TrainSettings, per_stage, run_experiment
+from graphtune.stages import CurveSettings, Observer, TrainSettings, per_stage, prompt_steps, run_experiment
 
 ONE = TrainSettings(epochs=1, lr=0.003, batch_size=64)
 
@@ -67,13 +67,18 @@ def test_strategies_change_what_trains(cities):
                                                                         "dilation_channels": 4, "skip_channels": 8,
                                                                         "end_channels": 8},
                              train=[ONE, ONE], curve=curve, strategy="scratch")
-    f, z, s = full.stages[1], frozen.stages[1], scratch.stages[1]
+    f, z = full.stages[1], frozen.stages[1]
     assert f.static_eff["params_trainable"] == f.static_eff["params_total"]
     node_params = 2 * 9 * 10  # the two adaptive-adjacency embeddings (N x node_emb_dim) re-created for city b
     assert z.static_eff["params_trainable"] == node_params
     assert f.zero_rmse == z.zero_rmse  # same transferred start
+    # frozen weights need no weight gradients: the measured training step costs less
+    assert z.flops["train_flops"] < f.flops["train_flops"] and z.flops["flops"] == f.flops["flops"]
+    # scratch loads nothing: no pretraining stage, no zero-shot point, nothing transferred
+    assert [st.kind for st in scratch.stages] == ["transfer"] and scratch.stages[0].stage == 1
+    s = scratch.stages[0]
     assert s.transfer["transferred"] is False and f.transfer["transferred"] is True
-    assert s.zero_rmse != f.zero_rmse
+    assert s.zero_rmse is None and s.zero_shot_data is None and s.score["zero_skill"] == 0.0
 
 
 def test_time_budget_is_enforced(cities):
@@ -108,3 +113,101 @@ def test_deterministic_on_cpu(cities):
     b = run_experiment(list(cities), model="baseline", train=[ONE, ONE], curve=CurveSettings(fractions=(0.3,)))
     assert [s.test for s in a.stages] == [s.test for s in b.stages]
     assert torch.equal(torch.tensor(a.stages[1].curve[0]["test_rmse"]), torch.tensor(b.stages[1].curve[0]["test_rmse"]))
+
+
+# ----------------------------------------------------------------------------- data budgets
+class _Capture(Observer):
+    """Keeps each stage's trained state and every budget point."""
+
+    def __init__(self):
+        self.states, self.points = {}, {}
+
+    def budget_done(self, index, point):
+        self.points[point["fraction"]] = point
+
+    def stage_done(self, result, source):
+        self.states[result.stage] = source.state
+
+
+def _tampered(bundle, hidden: torch.Tensor):
+    """`bundle` with every training reading at the steps `hidden` (T_train,) changed, re-prepared as prepare
+    would (a scaler refitted on the whole training split): what a point may not see now differs."""
+    from dataclasses import replace
+
+    from graphtune.data.bundle import Scaler
+
+    lo, hi = bundle.splits["train"]
+    target = bundle.target.clone()
+    train = target[lo:hi]
+    train[hidden] = train[hidden] * 3.0 + 20.0  # another level, spread and daily profile
+    scaler = Scaler.fit(target[lo:hi].numpy())
+    values = torch.nan_to_num(scaler.transform(target), nan=0.0).float()
+    return replace(bundle, target=target, values=values, scaler=scaler)
+
+
+@pytest.mark.parametrize("model", ["hypernet", "ha", "baseline"])
+def test_each_point_sees_only_its_budget(cities, model):
+    from graphtune.budget import sample_windows
+
+    source, target = cities
+    curve = CurveSettings(fractions=(0.2,), min_gain_rate=-1e9, min_rel_improve=-1e9)
+    starts = sample_windows(target.window_starts("train"), 0.2, "subset", 0)
+    hidden = ~target.visible_train_steps(starts)
+    assert 0 < int(hidden.sum()) < hidden.numel()
+    runs = []
+    for city in (target, _tampered(target, hidden)):
+        capture = _Capture()
+        result = run_experiment([source, city], model=model, train=[ONE, ONE], curve=curve, observer=capture)
+        runs.append((result.stages[1], capture))
+    (a, cap_a), (b, cap_b) = runs
+    assert a.zero_shot_test == b.zero_shot_test and a.zero_shot_val == b.zero_shot_val
+    assert cap_a.points[0.2]["test"] == cap_b.points[0.2]["test"] and a.val == b.val
+    assert cap_a.states[1].keys() == cap_b.states[1].keys()
+    assert all(torch.equal(cap_a.states[1][k], cap_b.states[1][k]) for k in cap_a.states[1])
+    # what the point used is recorded: its windows, the steps they cover, their observed readings
+    data = cap_a.points[0.2]["data"]
+    visible = ~hidden
+    lo, hi = target.splits["train"]
+    assert data["windows"] == starts.numel() and data["steps"] == int(visible.sum())
+    assert data["readings"] == int((~torch.isnan(target.target[lo:hi][visible])).sum())
+    assert data["days"] == pytest.approx(data["steps"] * target.interval_minutes / 1440)
+    assert a.zero_shot_data["windows"] == 0 and a.zero_shot_data["readings"] == 0
+    # the city's references read the whole training split (they are the yardstick, never a model's input)
+    assert a.reference["ha"] != b.reference["ha"]
+
+
+def test_the_prompt_window_is_what_zero_shot_may_read(cities):
+    source, target = cities
+    lo, hi = target.splits["train"]
+    steps = prompt_steps(target, 0.5)  # half a day at the end of the training split
+    assert steps == round(0.5 * 1440 / target.interval_minutes)
+    window = torch.zeros(hi - lo, dtype=torch.bool)
+    window[hi - lo - steps:] = True
+    curve = CurveSettings(fractions=(0.2,), prompt_days=0.5)
+
+    def zero_shot(city):
+        return run_experiment([source, city], model="hypernet", train=[ONE, ONE], curve=curve).stages[1]
+
+    base = zero_shot(target)
+    assert base.zero_shot_data["steps"] == steps and base.zero_shot_data["readings"] > 0
+    assert zero_shot(_tampered(target, ~window)).zero_shot_test == base.zero_shot_test  # outside: unseen
+    assert zero_shot(_tampered(target, window)).zero_shot_test != base.zero_shot_test  # inside: read
+    # scratch declares no prompt window: it reads nothing at zero-shot, and has no zero-shot point
+    scratch = run_experiment([source, target], model="hypernet", strategy="scratch", train=[ONE, ONE], curve=curve)
+    assert scratch.stages[0].curve[0]["data"]["prompt_steps"] == 0
+
+
+def test_zero_shot_uses_the_source_scaler_and_points_refit_their_own(cities):
+    from graphtune.budget import sample_windows
+
+    source, target = cities
+    capture = _Capture()
+    result = run_experiment([source, target], model="baseline", train=[ONE, ONE],
+                            curve=CurveSettings(fractions=(0.2,)), observer=capture)
+    assert result.stages[1].zero_shot_data["scaler"] == "source"
+    assert capture.points[0.2]["data"]["scaler"] == "visible readings"
+    view = target.restrict(sample_windows(target.window_starts("train"), 0.2, "subset", 0))
+    lo, hi = target.splits["train"]
+    seen = view.target[lo:hi]
+    assert view.scaler.mean == pytest.approx(float(seen[~torch.isnan(seen)].double().mean()))
+    assert view.scaler != target.scaler

@@ -96,8 +96,11 @@ def test_graphtune_tags():
     with pytest.raises(ValueError, match="run kind"):
         graphtune_tags("sweep", model="m", strategy="s", datasets="a", seed=0)
     # compare.py keeps its own copy of the tag keys (to stay free of mlflow): they must agree.
-    keys = ("model", "strategy", "datasets", "seed", "kind")
-    assert {f"graphtune.{key}" for key in keys} == set(compare._TAG.values())
+    from graphtune import tracking
+
+    keys = ("MODEL", "STRATEGY", "DATASETS", "SEED", "KIND", "CONFIG_HASH", "CONFIG", "RUN_TYPE", "SCORE_VERSION",
+            "TARGETS", "REFERENCE_KEY", "SOURCE")
+    assert {getattr(tracking, f"TAG_{key}") for key in keys} == set(compare._TAG.values())
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):

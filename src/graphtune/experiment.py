@@ -1,17 +1,26 @@
 """Run a tracked transfer experiment from typed params: the glue between stages, MLflow and files.
 
-    params (config.Params) -> check everything -> prepare bundles -> parent MLflow run
-        -> stages.run_experiment with a TrackingObserver (nested runs per stage and per budget
-           fraction, per-epoch metrics, live leaderboard) -> S_uep -> results.json / results.csv /
-           PNG plots in experiment.output_dir, logged as artifacts of the parent run.
+    params (config.Params) -> check everything -> prepare bundles -> the resolved configuration and
+        its hash -> parent MLflow run -> stages.run_experiment with a TrackingObserver (nested runs per
+        stage and per budget fraction, per-epoch metrics, live table) -> the comparable score and S_uep
+        -> results.json / results.csv / PNG plots in experiment.output_dir, logged as artifacts.
 
 Every option is checked before any data is read or any run is opened, so bad input never leaves
-a run behind; a failure during training marks the open runs FAILED and writes no results files.
+a run behind; a failure during training (a diverged fit included) marks the open runs FAILED and
+writes no results files, so it never reaches a leaderboard.
+
+The configuration hash (`graphtune.config_hash`) identifies everything that decides a run's numbers
+except the seed: model and resolved model options, strategy, every training, curve, budget and score
+setting, the preparation options, the user city entries and the sha256 of every raw data file, the
+device type, the source of a fine-tuning run and the score version. `graphtune compare` groups runs
+into leaderboard rows by it.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -23,24 +32,27 @@ from typing import Callable
 import torch
 import yaml
 
-from graphtune.budget import FEWSHOT_MODES
 from graphtune.compare import live_leaderboard
 from graphtune.config import Params
 from graphtune.data.bundle import DatasetBundle
 from graphtune.data.cities import get_city
 from graphtune.data.prepare import prepare_dataset
 from graphtune.errors import ConfigError
-from graphtune.fileio import atomic_directory
+from graphtune.fileio import atomic_directory, check_owned
 from graphtune.metrics import HORIZONS
-from graphtune.models import model_defaults
+from graphtune.models import check_model_kwargs, model_defaults
 from graphtune.plots import stage_scores_png, transfer_curve_png
-from graphtune.score import ScoreWeights, budgets_from_config
+from graphtune.score import SCORE_VERSION, CostReferences, ScoreWeights, budgets_from_config, comparable_score
 from graphtune.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
-                              check_curve, per_stage, resolve_device, run_experiment, score_stages)
+                              check_curve, per_stage, resolve_device, run_experiment, scored_stages, stage_measures)
 from graphtune.strategies import get_strategy
-from graphtune.tracking import Tracker, graphtune_tags, load_checkpoint, run_exists
+from graphtune.tracking import (TAG_CONFIG, TAG_CONFIG_HASH, TAG_REFERENCE_KEY, TAG_RUN_TYPE, TAG_SCORE_VERSION,
+                                TAG_SOURCE, TAG_TARGETS, Tracker, graphtune_tags, load_checkpoint, run_exists)
 
 CHECKPOINT = "source_model.pt"  # artifact name of a stage's trained model (SourceModel.checkpoint())
+# What experiment.output_dir held before GraphTune marked its folders (kept replaceable, never anything else).
+OUTPUT_FILES = ("results.json", "results.csv", "curves.csv", "transfer_curve.png", "stage_scores.png",
+                "params.yaml", "config.json")
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Plan:
     train: list[TrainSettings]
     curve: CurveSettings
     weights: ScoreWeights
+    refs: CostReferences
     budgets: dict
     enforce_time_s: float | None
     seed: int
@@ -61,7 +74,13 @@ class Plan:
     name: str
     source: SourceModel | None = None
     source_ref: str = ""
+    source_id: str = ""  # the source's identity in the configuration: a run id or the checkpoint's sha256
     explicit_transfer: list[str] = field(default_factory=list)
+
+    @property
+    def run_type(self) -> str:
+        """"transfer" when any city is a target, "pretrain" for a single city without a source."""
+        return "transfer" if self.source is not None or len(self.datasets) > 1 else "pretrain"
 
 
 def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source_ref: str = "",
@@ -71,46 +90,29 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     explicit_transfer: names of transfer-only options the user set explicitly (they need a target city).
     source_ref: a pretrain run id or checkpoint path to fine-tune from (every dataset is then a target).
     """
+    params.validate()  # every section's types and ranges, after the command line's options were applied
     exp, tr, tf, bud, sc = params.experiment, params.train, params.transfer, params.budgets, params.score
     datasets = [d for d in exp.datasets if d]
     if not datasets:
         raise ConfigError("experiment.datasets: expected at least one city")
     for city in datasets:
         get_city(city, params.cities)  # unknown city -> error listing the known ones
-    source = _load_source(source_ref, tracking_uri) if source_ref else None
+    source, source_id = _load_source(source_ref, tracking_uri) if source_ref else (None, "")
     n_targets = len(datasets) - (0 if source else 1)
     if n_targets == 0 and explicit_transfer:
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
                           f"experiment.datasets (got only {datasets[0]})")
     model = source.model if source else exp.model
-    defaults = model_defaults(model)  # unknown model -> error listing the registered ones
+    model_defaults(model)  # unknown model -> error listing the registered ones
     model_kwargs = dict(source.model_kwargs) if source else dict(exp.model_kwargs or {})
-    unknown = sorted(set(model_kwargs) - set(defaults))
-    if unknown:
-        raise ConfigError(f"experiment.model_kwargs: model {model!r} has no option(s) {', '.join(unknown)}; "
-                          f"its options are: {', '.join(sorted(defaults))}")
+    check_model_kwargs(model, model_kwargs)  # names and ranges the builder declares
     get_strategy(exp.strategy)
     n = len(datasets)
     epochs = per_stage(tr.epochs, n, "train.epochs")
     lrs = per_stage(tr.lrs, n, "train.lrs")
-    for e in epochs:
-        if not isinstance(e, int) or e < 1:
-            raise ConfigError(f"train.epochs: expected positive integers, got {tr.epochs}")
-    for lr in lrs:
-        if not isinstance(lr, (int, float)) or not lr > 0:
-            raise ConfigError(f"train.lrs: expected positive learning rates, got {tr.lrs}")
-    if tr.batch_size < 1:
-        raise ConfigError(f"train.batch_size: expected a positive integer, got {tr.batch_size}")
-    if tr.amp not in ("auto", "on", "off"):
-        raise ConfigError(f"train.amp: expected auto, on or off, got {tr.amp!r}")
-    if tf.fewshot_mode not in FEWSHOT_MODES:
-        raise ConfigError(f"transfer.fewshot_mode: expected one of {', '.join(FEWSHOT_MODES)}, got {tf.fewshot_mode!r}")
-    curve = CurveSettings(tuple(tf.fractions), tf.fewshot_mode, tf.min_gain_rate, tf.min_rel_improve, tf.patience)
+    curve = CurveSettings(tuple(tf.fractions), tf.fewshot_mode, tf.min_gain_rate, tf.min_rel_improve, tf.patience,
+                          tf.prompt_days)
     check_curve(curve)
-    for key in ("mem_mb", "time_sec", "flops_g", "trainable_m"):
-        value = getattr(bud, key)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise ConfigError(f"budgets.{key}: expected a positive number or null, got {value!r}")
     if bud.enforce and bud.time_sec is None:
         raise ConfigError("budgets.enforce: enforcing budgets needs budgets.time_sec")
     amp = {"auto": None, "on": True, "off": False}[tr.amp]
@@ -118,17 +120,19 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
                            clip_grad=tr.clip_grad, patience=tr.early_stop_patience or None, amp=amp)
              for e, lr in zip(epochs, lrs)]
     weights = ScoreWeights(sc.w_perf, sc.w_transfer_auc, sc.w_eff, sc.w_budget, sc.alpha)
+    refs = CostReferences.from_config(sc.ref_finetune_tflops, sc.ref_trainable_m, sc.ref_size_mb, sc.ref_infer_gflops)
     budgets = budgets_from_config(bud.mem_mb, bud.time_sec, bud.flops_g, bud.trainable_m)
     name = exp.name or f"{model}-{exp.strategy}-{'-to-'.join(datasets)}-s{exp.seed}"
     return Plan(datasets=datasets, model=model, model_kwargs=model_kwargs, strategy=exp.strategy, train=train,
-                curve=curve, weights=weights, budgets=budgets,
+                curve=curve, weights=weights, refs=refs, budgets=budgets,
                 enforce_time_s=bud.time_sec if bud.enforce else None, seed=exp.seed,
                 device=resolve_device(exp.device), name=name, source=source, source_ref=source_ref,
-                explicit_transfer=list(explicit_transfer))
+                source_id=source_id, explicit_transfer=list(explicit_transfer))
 
 
-def _load_source(ref: str, tracking_uri: str | None) -> SourceModel:
-    """A SourceModel from a checkpoint file or from the pretrain run `ref` in the tracking store."""
+def _load_source(ref: str, tracking_uri: str | None) -> tuple[SourceModel, str]:
+    """A SourceModel from a checkpoint file or from the pretrain run `ref` in the tracking store, and its
+    identity for the configuration hash (the checkpoint's sha256, or the run id)."""
     path = Path(ref)
     if path.suffix == ".pt" or path.exists():
         if not path.is_file():
@@ -137,33 +141,37 @@ def _load_source(ref: str, tracking_uri: str | None) -> SourceModel:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001  (any unreadable file is the user's input)
             raise ConfigError(f"--from: {ref} is not a GraphTune checkpoint ({type(err).__name__})") from None
+        identity = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     else:
         if not run_exists(ref, tracking_uri):
             raise ConfigError(f"--from: no run with id {ref!r} in the tracking store {tracking_uri or ''}".rstrip())
         data = load_checkpoint(ref, CHECKPOINT, tracking_uri=tracking_uri)
-    try:
-        return SourceModel(**data)
-    except TypeError:
-        raise ConfigError(f"--from: {ref} does not hold a GraphTune source model "
-                          f"(expected keys model, model_kwargs, state, city, sensor_ids)") from None
+        identity = f"run:{ref}"
+    keys = [f.name for f in dataclasses.fields(SourceModel)]
+    if not isinstance(data, dict) or sorted(data) != sorted(keys):
+        raise ConfigError(f"--from: {ref} does not hold a GraphTune source model (expected keys {', '.join(keys)}; "
+                          "checkpoints written before the scaler was recorded must be pretrained again)")
+    return SourceModel(**data), identity
 
 
 # ----------------------------------------------------------------------------- observer
 class TrackingObserver(Observer):
-    """Turns stage-loop events into nested MLflow runs and prints the live leaderboard."""
+    """Turns stage-loop events into nested MLflow runs and prints a live per-stage table."""
 
     def __init__(self, tracker: Tracker, plan: Plan, echo: Callable[[str], None], log_checkpoints: bool = True):
         self.tracker, self.plan, self.echo, self.log_checkpoints = tracker, plan, echo, log_checkpoints
         self.stage_runs: dict[int, str | None] = {}
         self.last_source: SourceModel | None = None  # the latest stage's trained model
         self.stages: list[StageResult] = []
+        self.parts: list = []  # each stage's comparable-score parts, for the live table
+        self.extra_tags: dict = {}  # tags every run of this experiment carries (config hash, run type)
 
     def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
               **extra) -> dict:
         p = self.plan
         tags = graphtune_tags(kind, model=p.model, strategy=p.strategy, datasets=p.datasets, seed=p.seed,
                               stage=stage, city=city, fraction=fraction)
-        return tags | {k: str(v) for k, v in extra.items()}
+        return tags | self.extra_tags | {k: str(v) for k, v in extra.items()}
 
     @contextmanager
     def stage(self, index, kind, city):
@@ -184,15 +192,20 @@ class TrackingObserver(Observer):
     def budget_done(self, index, point):
         self.tracker.log_params({"fraction": point["fraction"], "windows": point["windows"]})
         self.tracker.log_metrics(_metric_block(point["val"], "val_") | _metric_block(point["test"], "test_")
-                                 | {"train_time_s": point["train_time_s"], "steps": point["steps"]})
-        self.echo(f"    fraction {point['fraction']:g}: {point['windows']} windows, {point['epochs']} epochs, "
-                  f"val MAE {point['val_mae']:.3f}, test RMSE {point['test_rmse']:.3f}")
+                                 | _data_block(point["data"], "data/")
+                                 | {"train_time_s": point["train_time_s"], "steps": point["steps"],
+                                    "samples": point["samples"]})
+        data = point["data"]
+        self.echo(f"    fraction {point['fraction']:g}: {data['windows']} windows ({data['days']:.2f} days, "
+                  f"{data['readings']} readings), {point['epochs']} epochs, val MAE {point['val_mae']:.3f}, "
+                  f"test RMSE {point['test_rmse']:.3f}")
 
     def stage_done(self, result, source):
         self.tracker.log_metrics(stage_metrics(result))
         if result.transfer is not None:
             self.tracker.log_params({"transfer_share": round(result.transfer["share"], 4),
-                                     "same_nodes": result.transfer["same_nodes"]})
+                                     "same_nodes": result.transfer["same_nodes"],
+                                     "transferred": result.transfer["transferred"]})
         for point in result.curve:  # the transfer curve as one metric with step = fraction in percent
             self.tracker.log_metrics({"curve_test_rmse": point["test_rmse"]}, step=round(100 * point["fraction"]))
         if result.zero_rmse is not None:
@@ -202,21 +215,33 @@ class TrackingObserver(Observer):
         if self.log_checkpoints:
             self.tracker.log_checkpoint(source.checkpoint(), CHECKPOINT)
         self.stages.append(result)
-        score_stages(self.stages, self.plan.weights, self.plan.budgets)  # provisional, over the stages so far
-        self.echo(live_leaderboard([_live_row(s) for s in self.stages]))
+        # this stage's score parts as they will stand: a stage's comparable parts need no other stage
+        self.parts.append(comparable_score([stage_measures(result)], self.plan.weights, self.plan.refs,
+                                           self.plan.budgets).stages[0])
+        self.echo(live_leaderboard([_live_row(s, p) for s, p in zip(self.stages, self.parts)]))
 
 
 def _metric_block(metrics: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
+def _data_block(data: dict | None, prefix: str) -> dict:
+    """The numeric entries of a data-used record (windows, steps, days, readings, prompt_steps)."""
+    return {f"{prefix}{k}": v for k, v in (data or {}).items() if isinstance(v, (int, float))}
+
+
 def stage_metrics(s: StageResult) -> dict:
-    """The flat metrics of one stage run: final val/test (overall and per horizon), zero-shot, efficiency."""
+    """The flat metrics of one stage run: final val/test (overall and per horizon), zero-shot, references,
+    efficiency, deterministic costs, data used."""
     out = _metric_block(s.val, "val_") | _metric_block(s.test, "test_")
     if s.zero_shot_test is not None:
         out |= _metric_block(s.zero_shot_val, "zero_val_") | _metric_block(s.zero_shot_test, "zero_test_")
+    out |= _data_block(s.zero_shot_data, "zero_data/") | _data_block(s.data, "data/")
+    for name, ref in s.reference.items():
+        out |= {f"reference/{name}/test_rmse": ref["rmse"], f"reference/{name}/test_mae": ref["mae"]}
     out |= {k: v for k, v in s.static_eff.items()} | {k: v for k, v in s.dynamic_eff.items() if v is not None}
     out |= {"flops": s.flops["flops"], "macs": s.flops["macs"], "num_nodes": s.num_nodes}
+    out |= {f"cost/{k}": v for k, v in s.cost.items()}
     out |= {k: v for k, v in s.difficulty.items()}
     if s.transfer is not None:
         out["transfer_share"] = s.transfer["share"]
@@ -226,9 +251,10 @@ def stage_metrics(s: StageResult) -> dict:
     return out
 
 
-def _live_row(s: StageResult) -> dict:
+def _live_row(s: StageResult, part) -> dict:
     return {"stage": s.stage, "city": s.city, "zero_shot_rmse": s.zero_rmse, "test_rmse": s.test_rmse,
-            "transfer_auc": s.score.get("transfer_auc"), "stage_score": s.score.get("stage_score")}
+            "ha_rmse": s.reference["ha"]["rmse"], "skill": part.skill, "transfer_auc": part.transfer_auc,
+            "stage_score": part.stage_score}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -236,80 +262,145 @@ def load_bundles(params: Params, datasets: list[str]) -> list[DatasetBundle]:
     return [prepare_dataset(city, cities=params.cities, **params.prepare.dataset_kwargs()) for city in datasets]
 
 
-def data_hashes(bundles: list[DatasetBundle]) -> dict:
-    """city -> sha256 of each raw source file (what `dvc add`/`dvc.lock` versions), short form."""
-    return {b.name: {role: s["sha256"][:16] for role, s in b.meta.get("sources", {}).items()} for b in bundles}
+def data_hashes(bundles: list[DatasetBundle], length: int | None = 16) -> dict:
+    """city -> sha256 of each raw source file (what `dvc add`/`dvc.lock` versions), short form by default."""
+    return {b.name: {role: s["sha256"][:length] for role, s in b.meta.get("sources", {}).items()} for b in bundles}
+
+
+def resolved_config(params: Params, plan: Plan, bundles: list[DatasetBundle]) -> dict:
+    """Everything that decides a run's numbers except the seed (see the module docstring)."""
+    prep = params.prepare
+    return {
+        "score_version": SCORE_VERSION,
+        "run_type": plan.run_type,
+        "datasets": list(plan.datasets),
+        "source": plan.source_id,
+        "model": plan.model,
+        "model_kwargs": model_defaults(plan.model) | dict(plan.model_kwargs),  # {} and explicit defaults agree
+        "strategy": plan.strategy,
+        "train": [dataclasses.asdict(t) for t in plan.train],
+        "curve": dataclasses.asdict(plan.curve),
+        "budgets": dict(plan.budgets),
+        "enforce_time_s": plan.enforce_time_s,
+        "score": dataclasses.asdict(plan.weights) | dataclasses.asdict(plan.refs),
+        "prepare": {"split": list(prep.split), "normalized_k": prep.normalized_k, "t_in": prep.t_in,
+                    "t_out": prep.t_out, "stride": prep.stride},
+        "cities": {c: params.cities[c] for c in plan.datasets if c in params.cities},
+        "data": data_hashes(bundles, length=None),
+        "device": torch.device(plan.device).type,
+    }
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of a resolved configuration (first 16 hex digits)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_key(config: dict, targets: list[str]) -> str:
+    """Identity of the reference rows a run contributes: its scored cities, their data and preparation,
+    and the score settings (references are the same for every model and strategy on those cities)."""
+    keep = {k: config[k] for k in ("score_version", "run_type", "prepare", "cities", "score")}
+    keep |= {"targets": list(targets), "data": {c: config["data"].get(c) for c in targets}}
+    return config_hash(keep)
 
 
 def execute(params: Params, plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool = True,
             output_dir: str | Path | None = None) -> tuple[ExperimentResult, str | None]:
     """Run the planned experiment under one parent MLflow run; write and log the outputs."""
+    out = Path(output_dir or params.experiment.output_dir)
+    check_owned(out, legacy_names=OUTPUT_FILES)  # refuse a folder of the user's own before any work
     bundles = load_bundles(params, plan.datasets)
+    config = resolved_config(params, plan, bundles)
+    digest = config_hash(config)
+    targets = plan.datasets if plan.source is not None else plan.datasets[1:] or plan.datasets
     tr = params.tracking
     tracker = Tracker(tr.tracking_uri or None, tr.experiment_name, system_metrics=tr.system_metrics, enabled=tracking)
     observer = TrackingObserver(tracker, plan, echo, log_checkpoints=tr.log_checkpoints)
-    out = Path(output_dir or params.experiment.output_dir)
-    tags = observer._tags("experiment", device=plan.device, **{"dvc.data_hashes": json.dumps(data_hashes(bundles))})
+    observer.extra_tags = {TAG_CONFIG_HASH: digest, TAG_RUN_TYPE: plan.run_type, TAG_SCORE_VERSION: str(SCORE_VERSION)}
+    tags = observer._tags("experiment", device=plan.device, **{
+        "dvc.data_hashes": json.dumps(data_hashes(bundles)), TAG_TARGETS: ",".join(targets),
+        TAG_REFERENCE_KEY: reference_key(config, targets),
+        TAG_CONFIG: json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)})
     if plan.source_ref:
-        tags["graphtune.source"] = plan.source_ref
+        tags[TAG_SOURCE] = plan.source_ref
     with tracker.run(plan.name, tags=tags, params=params.as_dict()) as parent_id:
         echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {plan.model}, strategy {plan.strategy}, "
-             f"device {plan.device})" + (f", run {parent_id}" if parent_id else ""))
+             f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else ""))
         result = run_experiment(bundles, model=plan.model, model_kwargs=plan.model_kwargs, strategy=plan.strategy,
-                                train=plan.train, curve=plan.curve, weights=plan.weights, budgets=plan.budgets,
-                                enforce_time_s=plan.enforce_time_s, seed=plan.seed, device=plan.device,
-                                name=plan.name, source=plan.source, observer=observer)
+                                train=plan.train, curve=plan.curve, weights=plan.weights, refs=plan.refs,
+                                budgets=plan.budgets, enforce_time_s=plan.enforce_time_s, seed=plan.seed,
+                                device=plan.device, name=plan.name, source=plan.source, observer=observer)
+        result.config_hash = digest
         for stage in result.stages:  # final score parts (they need every stage) into each stage run
             run_id = observer.stage_runs.get(stage.stage)
             if run_id:
-                tracker.log_metrics_to(run_id, stage.score)
+                tracker.log_metrics_to(run_id, {f"score/{k}": v for k, v in stage.score.items()}
+                                       | {f"S_uep/{k}": v for k, v in stage.suep.items()})
         tracker.log_metrics(experiment_metrics(result))
         if tr.log_checkpoints and observer.last_source is not None:  # `finetune --from <this run id>`
             tracker.log_checkpoint(observer.last_source.checkpoint(), CHECKPOINT)
-        files = write_outputs(result, params, out)
+        files = write_outputs(result, params, out, config=config)
         for path in files.values():
             tracker.log_artifact(path)
-    echo(f"S_uep = {result.s_uep:.4f}; results in {out}")
+    echo(f"score = {result.score.score:.4f} (comparable across runs; S_uep within this run = {result.s_uep:.4f}); "
+         f"results in {out}")
     return result, parent_id
 
 
 def experiment_metrics(result: ExperimentResult) -> dict:
-    """Parent-run metrics: what the leaderboard ranks and shows."""
+    """Parent-run metrics: what the leaderboard ranks (`score`) and shows."""
     last = result.stages[-1]
-    transfers = [s for s in result.stages if s.kind == "transfer"]
+    scored = scored_stages(result.stages)
     gpu = [s.dynamic_eff.get("peak_gpu_mb") for s in result.stages if s.dynamic_eff.get("peak_gpu_mb")]
+    weights = [p.difficulty_weight for p in result.score.stages]
     metrics = {
+        "score": result.score.score,
         "S_uep": result.s_uep,
         "final_test_mae": last.test["mae"], "final_test_rmse": last.test["rmse"], "final_test_mape": last.test["mape"],
-        "mean_transfer_auc": (sum(s.score["transfer_auc"] for s in transfers) / len(transfers)) if transfers else 0.0,
+        "mean_skill": sum(w * p.skill for w, p in zip(weights, result.score.stages)),
+        "mean_transfer_auc": sum(w * p.transfer_auc for w, p in zip(weights, result.score.stages)),
+        "finetune_tflops": sum(s.cost["train_flops"] for s in scored) / 1e12,
         "total_train_time_s": sum(s.dynamic_eff["train_time_s"] for s in result.stages),
         "peak_rss_mb": max(s.dynamic_eff["peak_rss_mb"] or 0.0 for s in result.stages),
         "peak_gpu_mb": max(gpu) if gpu else 0.0,
         "trainable_params": last.static_eff["params_trainable"], "total_params": last.static_eff["params_total"],
-        "flops_g": last.flops["flops"] / 1e9,
-        "saved_budget": sum((s.scheduler or {}).get("saved_budget", 0.0) for s in transfers),
+        "size_mb": last.static_eff["size_mb"], "flops_g": last.flops["flops"] / 1e9,
+        "saved_budget": sum((s.scheduler or {}).get("saved_budget", 0.0) for s in result.stages if s.scheduler),
+        "data/windows": sum(s.data["windows"] for s in scored), "data/days": sum(s.data["days"] for s in scored),
+        "data/readings": sum(s.data["readings"] for s in scored),
     }
     for h in HORIZONS:
         metrics[f"final_test_mae_h{h}"] = last.test.get(f"mae_h{h}", math.nan)
+    for name, ref in result.references.items():
+        metrics |= {f"reference/{name}/{k}": v for k, v in ref.items()}
     return metrics
 
 
-def write_outputs(result: ExperimentResult, params: Params, out: Path) -> dict[str, Path]:
-    """results.json, results.csv, curves.csv, transfer_curve.png, stage_scores.png, params.yaml; atomically."""
-    with atomic_directory(out) as tmp:
+def write_outputs(result: ExperimentResult, params: Params, out: Path, config: dict | None = None) -> dict[str, Path]:
+    """results.json, results.csv, curves.csv, transfer_curve.png, stage_scores.png, params.yaml, config.json;
+    replaced atomically, and only where the folder holds nothing but GraphTune's own files."""
+    with atomic_directory(out, legacy_names=OUTPUT_FILES) as tmp:
         (tmp / "results.json").write_text(json.dumps(_clean(result.to_dict()), indent=1, sort_keys=True) + "\n")
         _write_csv(tmp / "results.csv", result.rows())
         curve_rows = [{"stage": s.stage, "city": s.city, "fraction": f, "test_rmse": r}
                       for s in result.stages if s.kind == "transfer"
-                      for f, r in [(0.0, s.zero_rmse)] + [(p["fraction"], p["test_rmse"]) for p in s.curve]]
+                      for f, r in _curve_points(s)]
         _write_csv(tmp / "curves.csv", curve_rows or [{"stage": 0, "city": "", "fraction": 0.0, "test_rmse": ""}])
-        curves = {f"{s.stage}: {s.city}": [(0.0, s.zero_rmse)] + [(p["fraction"], p["test_rmse"]) for p in s.curve]
-                  for s in result.stages if s.kind == "transfer"}
+        curves = {f"{s.stage}: {s.city}": _curve_points(s) for s in result.stages if s.kind == "transfer"}
         transfer_curve_png(curves, tmp / "transfer_curve.png", title=result.name)
         stage_scores_png({f"{s.stage}: {s.kind} {s.city}": s.score["stage_score"] for s in result.stages},
-                         tmp / "stage_scores.png", title=f"{result.name}: S_uep = {result.s_uep:.3f}")
+                         tmp / "stage_scores.png", title=f"{result.name}: score = {result.score.score:.3f}")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=True))
-    return {p.name: p for p in sorted(out.iterdir())}
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+    return {p.name: p for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+def _curve_points(s: StageResult) -> list[tuple[float, float]]:
+    """(fraction, test RMSE) of a transfer stage, the zero-shot point at fraction 0 when there is one."""
+    zero = [(0.0, s.zero_rmse)] if s.zero_rmse is not None else []
+    return zero + [(p["fraction"], p["test_rmse"]) for p in s.curve]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -5,7 +5,7 @@ pyplot: no global backend switch, no window, nothing kept alive in pyplot's figu
 threads and on machines without a display. Importing this module does not import matplotlib.
 
     transfer_curve_figure / transfer_curve_png   one line per target city, fraction 0 = zero-shot
-    leaderboard_figure / leaderboard_png         S_uep mean per (model, strategy) with std error bars
+    leaderboard_figure / leaderboard_png         score mean per leaderboard row with std error bars
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def transfer_curve_png(
 
 
 def leaderboard_figure(df: pd.DataFrame) -> Figure:
-    """Horizontal bars of S_uep_mean (error bar: S_uep_std over seeds), best at the top.
+    """Horizontal bars of score_mean (error bar: score_std over seeds), best at the top.
 
     `df` is a leaderboard from graphtune.compare.leaderboard (rows in rank order); only `model`,
-    `strategy` and `S_uep_mean` are required, so any per-stage or ad-hoc score table can be drawn
-    too (`S_uep_std`, `rank` and `datasets` are used when present). A group with a single seed has
-    no std (NaN) and is drawn without an error bar.
+    `strategy` and `score_mean` are required, so any ad-hoc score table can be drawn too (`score_std`,
+    `rank`, `datasets`, `config` and `board` are used when present: a pretrain board's rows are marked,
+    reference rows drawn grey). A row with a single seed has no std (NaN) and no error bar.
     """
     n = len(df)
     fig = _new_figure(7.0, 1.5 + 0.45 * max(n, 1))  # 0.45 in per bar keeps labels from overlapping
@@ -101,25 +101,32 @@ def leaderboard_figure(df: pd.DataFrame) -> Figure:
         ax.text(0.5, 0.5, "no finished experiment runs", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
-    several_datasets = "datasets" in df.columns and df["datasets"].nunique(dropna=False) > 1
-    labels = []
+    runs = df[df["strategy"] != "reference"] if "strategy" in df.columns else df
+    several_datasets = "datasets" in df.columns and runs["datasets"].nunique(dropna=False) > 1
+    labels, colors = [], []
     for _, row in df.iterrows():
         label = f"{row['model']} / {row['strategy']}"
+        if row.get("config"):
+            label += f" [{row['config']}]"
+        if row.get("board") == "pretrain":
+            label = "pretrain: " + label
         if several_datasets:
             label += f"\n{row['datasets']}"
         labels.append(label)
-    means = df["S_uep_mean"].astype(float).to_numpy()
-    stds = df["S_uep_std"].astype(float).fillna(0.0).to_numpy() if "S_uep_std" in df.columns else 0.0 * means
+        colors.append("tab:gray" if row["strategy"] == "reference" else
+                      "tab:orange" if row.get("board") == "pretrain" else "tab:blue")
+    means = df["score_mean"].astype(float).to_numpy()
+    stds = df["score_std"].astype(float).fillna(0.0).to_numpy() if "score_std" in df.columns else 0.0 * means
     ranks = df["rank"].tolist() if "rank" in df.columns else list(range(1, n + 1))
     positions = list(range(n))
-    ax.barh(positions, means, xerr=stds if stds.any() else None, capsize=4, color="tab:blue", alpha=0.8)
+    ax.barh(positions, means, xerr=stds if stds.any() else None, capsize=4, color=colors, alpha=0.8)
     ax.set_yticks(positions, labels)
     ax.invert_yaxis()  # rank 1 at the top
     for y, (mean, std, rank) in enumerate(zip(means, stds, ranks)):
         if not math.isnan(mean):  # the label sits just past the error bar
             ax.annotate(f"#{rank}  {mean:.3f}", (mean + std, y), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize="small")
-    ax.set_xlabel("S_uep (mean over seeds, error bar = std)")
+    ax.set_xlabel("score (comparable across runs; mean over seeds, error bar = std)")
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 
@@ -130,7 +137,7 @@ def leaderboard_png(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def stage_scores_png(scores: dict[str, float], path: str | os.PathLike, title: str = "") -> Path:
-    """One experiment's stage scores (S_uep parts combined per stage) as horizontal bars, stage 0 on top."""
+    """One experiment's stage scores (the comparable score's parts combined per stage) as bars, stage 0 on top."""
     fig = _new_figure(6.0, 1.2 + 0.45 * max(len(scores), 1))
     ax = fig.add_subplot()
     labels, values = list(scores), [float(v) for v in scores.values()]

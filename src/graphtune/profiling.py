@@ -86,6 +86,31 @@ def count_flops(model: nn.Module, example_inputs) -> dict:
     return {"flops": flops, "macs": flops // 2}  # FlopCounterMode counts a multiply-add as 2 FLOPs
 
 
+def count_train_flops(model: nn.Module, example_inputs) -> int:
+    """FLOPs of one training step's forward + backward on `example_inputs`, as the model's trainable set stands.
+
+    Counted by FlopCounterMode like `count_flops`, so the backward's matrix products are included and
+    frozen parameters cost no weight gradients: a strategy that trains less really counts less. Run in
+    eval mode (dropout and teacher forcing change no matrix product) on a stand-in loss (the mean of
+    the output); gradients are cleared afterwards, so the model is left as it was. 0 when nothing trains.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        return 0
+    was_training = model.training
+    model.eval()
+    saved = [p.grad for p in trainable]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.enable_grad(), counter:
+            model(*_as_args(example_inputs)).float().mean().backward()
+    finally:
+        for p, grad in zip(trainable, saved):
+            p.grad = grad
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def thop_flops(model: nn.Module, example_inputs) -> dict | None:
     """{"macs", "params"} from thop.profile on a deep copy of `model` (the model itself is untouched).
 
@@ -115,9 +140,11 @@ def _model_device(model: nn.Module) -> torch.device:
 def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = 64) -> dict:
     """Static cost of `model` on `bundle`: parameters, size and forward FLOPs/MACs per batch.
 
-    The batch is the first `batch_size` training windows (x of shape (B, T_in, N, C)). Keys:
-    params_total, params_trainable, size_mb, batch_size, flops, macs (FlopCounterMode, per batch),
-    thop_macs, thop_params (None without thop).
+    The batch is the first `batch_size` training windows (x of shape (B, T_in, N, C)), or validation
+    windows when the bundle allows none for training (a zero-shot view). Keys: params_total,
+    params_trainable, size_mb, batch_size, flops, macs (FlopCounterMode, per batch), train_flops (one
+    training step's forward + backward, per batch, see `count_train_flops`), thop_macs, thop_params
+    (None without thop).
     """
     for split in ("train", "val", "test"):
         starts = bundle.window_starts(split)[:batch_size]
@@ -129,6 +156,7 @@ def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = 64)
     x = x.to(_model_device(model))
     params = count_parameters(model)
     flops = count_flops(model, (x,))
+    train_flops = count_train_flops(model, (x,))
     thop_result = thop_flops(model, (x,)) or {"macs": None, "params": None}
     return {
         "params_total": params["total"],
@@ -137,6 +165,7 @@ def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = 64)
         "batch_size": int(starts.numel()),
         "flops": flops["flops"],
         "macs": flops["macs"],
+        "train_flops": train_flops,
         "thop_macs": thop_result["macs"],
         "thop_params": thop_result["params"],
     }

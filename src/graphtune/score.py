@@ -1,18 +1,64 @@
-"""S_uep: one number for a transfer experiment (accuracy, transfer gain, efficiency, budgets).
+"""Two scores for a transfer experiment: the comparable `score` that ranks runs, and GraphTune-lite's S_uep.
 
-Per stage s (pretrain on the first city, then one stage per target city):
+The comparable score (what `graphtune compare` ranks by)
+--------------------------------------------------------
+It depends only on the run's own measurements and on fixed references of each city, never on which
+other runs are in the store, so two runs compare, and adding or removing runs changes no score.
+Everything in it is unit-free (mph, km/h and counts score alike) and deterministic (the same seed
+and configuration give the same score: wall time and peak memory are reported beside it, not in it).
+
+Per scored stage s (each transfer target; the pretrain stage only in a pretrain-only run):
+
+    skill(rmse)      = 1 - q            if q <= 1      with q = rmse / rmse_HA, the ratio to the city's
+                       1 / q - 1        if q >  1      time-of-day historical average on the same test
+                                                       windows (its training split, fixed per city)
+                       in (-1, 1]: 1 = perfect, 0 = no better than HA, < 0 = worse; strictly decreasing
+                       in rmse (the q > 1 branch keeps it bounded and still ordered; NaN scores -1)
+    Skill_s          = skill(final test RMSE of the stage)
+    TransferAUC_s    = area over the budget axis [0, 1] under clip(skill, 0, 1) of the points
+                       (0, zero-shot), (f_1, rmse_1), ..., (f_k, rmse_k), trapezoids between points and
+                       the last point held to fraction 1 (a curve the scheduler stopped is taken as flat,
+                       as the scheduler judged). The zero-shot point counts 0 for a strategy that loads
+                       nothing from the source (scratch): improving on a random initialisation earns nothing.
+    CostShare_s      = mean over the deterministic costs u of u / (u + ref_u), each in [0, 1), a half
+                       at its reference budget (params.yaml score.ref_*):
+                         finetune_flops    training FLOPs of the stage, every budget point together
+                                           (forward + backward of one batch, counted by FlopCounterMode,
+                                           per window, times the windows trained on)
+                         trainable_params  parameters the strategy trains
+                         size_mb           parameters + persistent buffers
+                         infer_flops       forward FLOPs per window
+    EffNorm_s        = 1 - CostShare_s
+    EffTerm_s        = Skill_s * EffNorm_s      if Skill_s >= 0   (the efficient share of the skill counts)
+                       Skill_s * CostShare_s    if Skill_s <  0   (the costly share of a loss counts)
+    BudgetPenalty_s  = mean relative overrun of the budgets the user set (budgets.*), 0 without any
+    stage score_s    = w_perf * Skill_s + w_transfer_auc * TransferAUC_s + w_eff * EffTerm_s
+                       - w_budget * BudgetPenalty_s
+    score            = sum_s d_s ** alpha * stage score_s / sum_t d_t ** alpha   (d = graph difficulty proxy)
+
+A stage without a zero-shot point (the pretrain stage) shares TransferAUC's weight out over the
+other two terms, as S_uep does. Properties (tested): a higher RMSE at equal cost, or a higher cost at
+equal RMSE (Skill != 0), scores strictly lower; the historical average scores exactly 0, so any model
+with a lower error ranks above it; a forecast worse than HA is never helped by being cheap; a strategy
+that loads nothing never outscores a transfer with the same curve. Pretraining cost is not part of a
+transfer run's score: the source model is taken as given, which is the question GraphTune asks.
+
+S_uep (GraphTune-lite's within-run score, logged as `S_uep`)
+-----------------------------------------------------------
+Kept exactly as GraphTune-lite defines it, for comparison with its numbers and for ranking the
+stages of ONE run against each other. It normalises by the run's own best RMSE and maxima, and its
+efficiency term reads wall time and memory, so it is neither comparable across runs nor reproducible
+to the last digit. Per stage s (pretrain on the first city, then one stage per target city):
 
     stage_score_s = w_perf * PerfNorm_s + w_transfer_auc * TransferAUC_s + w_eff * EffNorm_s
                     - w_budget * BudgetPenalty_s
 
     PerfNorm_s      = min over stages of test_rmse / test_rmse_s          in (0, 1]; 1 = the best stage
-                      (a NaN test RMSE scores 0; note that stages are different cities, so this
-                      rewards the stages that reach the experiment's lowest error)
+                      (a NaN test RMSE scores 0)
     TransferAUC_s   = (1 / f_max) * trapezoid area under the points (0, 0), (f_1, r_1), ..., (f_k, r_k)
                       with r_i = clip((zero_rmse - rmse_i) / zero_rmse, 0, 1) the relative improvement
                       over zero-shot at budget fraction f_i, and f_max = f_k the largest fraction run.
-                      Dividing by the covered range keeps it in [0, 1] and does not punish a curve the
-                      budget scheduler stopped early. 0 for an empty curve.
+                      0 for an empty curve.
     EffNorm_s       = 1 - mean over the measured usages u in [mem_mb, time_s, flops, trainable_params]
                       of clip(u / budget_u, 0, 1) where a budget is given, else
                       clip(u / max over stages of u, 0, 1). Usages given as None are left out of the
@@ -21,17 +67,12 @@ Per stage s (pretrain on the first city, then one stage per target city):
 
     Missing zero-shot (zero_rmse None or NaN, e.g. the pretrain stage): TransferAUC_s = 0 and its
     weight is shared out over PerfNorm and EffNorm in proportion to their weights, i.e. those two
-    terms are multiplied by (w_perf + w_transfer_auc + w_eff) / (w_perf + w_eff). A stage that has
-    nothing to transfer is then neither rewarded nor punished for it, and its score keeps the range
-    of the others.
+    terms are multiplied by (w_perf + w_transfer_auc + w_eff) / (w_perf + w_eff).
 
 Across stages, with difficulty d_s >= 0 (e.g. profiling.difficulty_proxy):
 
     difficulty_weight_s = d_s ** alpha / sum_t d_t ** alpha      (uniform if all are 0)
     S_uep               = sum_s difficulty_weight_s * stage_score_s
-
-so harder cities count more (alpha = 0: plain mean). Higher is better; without budget penalties
-S_uep <= 1.
 """
 
 from __future__ import annotations
@@ -185,9 +226,7 @@ def _eff_norm(stage: StageInputs, budgets: dict, maxima: dict) -> float:
 
 
 def _budget_penalty(stage: StageInputs, budgets: dict) -> float:
-    overruns = [max(0.0, usage / budget - 1.0) for key, budget in budgets.items()
-                if (usage := _usage(stage, key)) is not None]
-    return sum(overruns) / len(overruns) if overruns else 0.0
+    return _budget_penalty_of({key: _usage(stage, key) for key in USAGE_KEYS}, budgets)
 
 
 def _difficulty_weights(difficulties: list[float], alpha: float) -> list[float]:
@@ -200,3 +239,155 @@ def _difficulty_weights(difficulties: list[float], alpha: float) -> list[float]:
     if total == 0:  # no stage is harder than another
         return [1.0 / len(difficulties)] * len(difficulties)
     return [p / total for p in powered]
+
+
+# ============================================================================ the comparable score
+SCORE_VERSION = 2  # bump when the comparable score's definition changes: runs of other versions are not ranked together
+COST_KEYS = ("finetune_flops", "trainable_params", "size_mb", "infer_flops")  # the deterministic costs
+
+
+@dataclass(frozen=True)
+class CostReferences:
+    """Reference budgets of the comparable score: a cost at its reference counts half (u / (u + ref)).
+
+    Defaults (params.yaml score.ref_*) sit in the middle of what the embedded sample's models cost,
+    so cheap and costly strategies spread over the scale instead of crowding one end.
+    """
+
+    finetune_flops: float = 10e12  # 10 TFLOPs: GWNet fine-tuned along the default curve on a ~100-sensor city
+    trainable_params: float = 0.1e6  # 0.1 M: between hypernet (24 k) and GWNet (158 k)
+    size_mb: float = 1.0  # 1 MB of parameters and buffers: above every default model
+    infer_flops: float = 1e9  # 1 GFLOP per window: GWNet-class inference on a ~200-sensor city
+
+    def __post_init__(self):
+        for key in COST_KEYS:
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"score.ref_*: reference budget {key} must be a finite number > 0, got {value!r}")
+
+    @classmethod
+    def from_config(cls, ref_finetune_tflops: float, ref_trainable_m: float, ref_size_mb: float,
+                    ref_infer_gflops: float) -> "CostReferences":
+        """From params.yaml units (TFLOPs, millions, MB, GFLOPs)."""
+        return cls(finetune_flops=ref_finetune_tflops * 1e12, trainable_params=ref_trainable_m * 1e6,
+                   size_mb=ref_size_mb, infer_flops=ref_infer_gflops * 1e9)
+
+
+@dataclass
+class StageMeasures:
+    """What one stage contributes to the comparable score: errors, the city's reference and deterministic costs."""
+
+    ref_rmse: float  # test RMSE of the city's time-of-day historical average (fixed per city and split)
+    test_rmse: float  # final test RMSE of the stage (after the last budget point run)
+    zero_rmse: float | None = None  # zero-shot test RMSE; None without a zero-shot point (pretrain, scratch)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (fraction in (0, 1], test RMSE)
+    transferred: bool = True  # False: the strategy loaded nothing, so its zero-shot point counts 0
+    kind: str = "transfer"  # "transfer" (zero-shot + budget curve) | "pretrain" (no curve: AUC weight shared out)
+    finetune_flops: float = 0.0  # training FLOPs of the stage (all budget points)
+    trainable_params: float = 0.0
+    size_mb: float = 0.0
+    infer_flops: float = 0.0  # forward FLOPs per window
+    usage: dict = field(default_factory=dict)  # measured mem_mb / time_s / flops / trainable_params for budgets
+    difficulty: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class ComparableStage:
+    name: str
+    skill: float
+    zero_skill: float | None
+    transfer_auc: float
+    cost_share: float
+    eff_norm: float
+    eff_term: float
+    budget_penalty: float
+    stage_score: float
+    difficulty_weight: float
+
+
+@dataclass
+class ComparableScore:
+    stages: list[ComparableStage]
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "stages": [asdict(s) for s in self.stages]}
+
+
+def skill(rmse: float | None, ref_rmse: float) -> float:
+    """Skill against the historical average, in (-1, 1]: 1 - q for q = rmse / ref <= 1, else 1 / q - 1.
+
+    Strictly decreasing in rmse; 0 at the reference's error; a missing (None/NaN) error scores -1.
+    """
+    if not (math.isfinite(ref_rmse) and ref_rmse > 0):
+        raise ValueError(f"the reference RMSE must be finite and > 0, got {ref_rmse!r}")
+    if _missing(rmse):
+        return -1.0
+    q = max(float(rmse), 0.0) / ref_rmse
+    return 1.0 - q if q <= 1.0 else 1.0 / q - 1.0
+
+
+def skill_auc(zero_skill: float | None, points: list[tuple[float, float]]) -> float:
+    """Area over [0, 1] under clip(skill, 0, 1): (0, zero_skill) then the (fraction, skill) points,
+    trapezoids in between and the last point held to fraction 1. No point at all: 0."""
+    pts = sorted((float(f), float(s)) for f, s in points if f > 0)
+    start = 0.0 if zero_skill is None or _missing(zero_skill) else float(zero_skill)
+    fractions = np.array([0.0] + [f for f, _ in pts] + ([1.0] if not pts or pts[-1][0] < 1.0 else []))
+    values = [start] + [s for _, s in pts]
+    if len(values) < len(fractions):
+        values.append(values[-1])  # held to fraction 1
+    clipped = np.clip(np.array(values, dtype=float), 0.0, 1.0)
+    return float(np.trapezoid(clipped, fractions))
+
+
+def cost_share(stage: StageMeasures, refs: CostReferences) -> float:
+    """Mean of u / (u + ref) over the deterministic costs: 0 = free, a half = at every reference, < 1."""
+    shares = []
+    for key in COST_KEYS:
+        usage = max(float(getattr(stage, key) or 0.0), 0.0)
+        shares.append(usage / (usage + getattr(refs, key)))
+    return sum(shares) / len(shares)
+
+
+def comparable_score(stages: list[StageMeasures], weights: ScoreWeights = ScoreWeights(),
+                     refs: CostReferences = CostReferences(), budgets: dict | None = None) -> ComparableScore:
+    """The comparable score and its per-stage parts (definition in the module docstring).
+
+    `budgets`: as for `score_experiment` ({resource: budget} in StageInputs units); the stages'
+    `usage` dicts hold the measured resources.
+    """
+    if not stages:
+        raise ValueError("comparable_score needs at least one stage")
+    budgets = _check_budgets(budgets)
+    difficulty_weights = _difficulty_weights([s.difficulty for s in stages], weights.alpha)
+    scored = []
+    for stage, dw in zip(stages, difficulty_weights):
+        if stage.kind not in ("transfer", "pretrain"):
+            raise ValueError(f"stage kind must be transfer or pretrain, got {stage.kind!r}")
+        final = skill(stage.test_rmse, stage.ref_rmse)
+        has_zero = stage.kind == "transfer"
+        zero = None
+        if has_zero:  # a strategy that loaded nothing gets no credit for what a random initialisation scores
+            zero = skill(stage.zero_rmse, stage.ref_rmse) if stage.transferred and stage.zero_rmse is not None else 0.0
+        auc = skill_auc(zero, [(f, skill(r, stage.ref_rmse)) for f, r in stage.curve]) if has_zero else 0.0
+        share = cost_share(stage, refs)
+        eff = 1.0 - share
+        eff_term = final * eff if final >= 0 else final * share
+        penalty = _budget_penalty_of(stage.usage, budgets)
+        if has_zero:
+            positive = weights.w_perf * final + weights.w_transfer_auc * auc + weights.w_eff * eff_term
+        else:  # no zero-shot point (a pretrain stage): TransferAUC's weight is shared out, as in S_uep
+            kept = weights.w_perf + weights.w_eff
+            total = kept + weights.w_transfer_auc
+            positive = (weights.w_perf * final + weights.w_eff * eff_term) * total / kept if kept > 0 else 0.0
+        scored.append(ComparableStage(stage.name, final, zero, auc, share, eff, eff_term, penalty,
+                                      positive - weights.w_budget * penalty, dw))
+    return ComparableScore(stages=scored, score=float(sum(s.difficulty_weight * s.stage_score for s in scored)))
+
+
+def _budget_penalty_of(usage: dict, budgets: dict) -> float:
+    """Mean relative overrun max(0, u / budget - 1) over the budgets whose usage was measured."""
+    overruns = [max(0.0, float(usage[key]) / budget - 1.0) for key, budget in budgets.items()
+                if usage.get(key) is not None and not _missing(usage[key])]
+    return sum(overruns) / len(overruns) if overruns else 0.0

@@ -8,8 +8,10 @@ Run structure (what `compare.py` and the MLflow UI rely on)::
         budget run          graphtune.kind=budget       one per fine-tuning budget fraction
 
 Every run carries `graphtune.model`, `graphtune.strategy`, `graphtune.datasets` and `graphtune.seed`
-tags (build them with `graphtune_tags`); stage and budget runs add `graphtune.stage` and
-`graphtune.city`, budget runs `graphtune.fraction`. Top-level runs also get `git.commit` and
+tags (build them with `graphtune_tags`), and the experiment's `graphtune.config_hash`, `graphtune.run_type`
+and `graphtune.score_version`; stage and budget runs add `graphtune.stage` and `graphtune.city`, budget
+runs `graphtune.fraction`. Experiment runs also carry `graphtune.config`, `graphtune.targets`,
+`graphtune.reference_key` and, when fine-tuned from a source, `graphtune.source` (the TAG_* constants). Top-level runs also get `git.commit` and
 `git.dirty` automatically; `dvc.data_hashes` and `device` are passed in by the caller.
 
 Nested runs are in-process (`mlflow.start_run(nested=True)`), each started in the parent's
@@ -73,6 +75,14 @@ TAG_STAGE = "graphtune.stage"
 TAG_CITY = "graphtune.city"
 TAG_FRACTION = "graphtune.fraction"
 TAG_ERROR = "graphtune.error"  # "TypeName: message" of the exception that ended a run FAILED/KILLED
+# What groups and ranks experiment runs (graphtune.experiment writes them, graphtune.compare reads them).
+TAG_CONFIG_HASH = "graphtune.config_hash"  # hash of the resolved configuration except the seed: a leaderboard row
+TAG_CONFIG = "graphtune.config"  # that configuration as compact JSON (what the `differs` column is read from)
+TAG_RUN_TYPE = "graphtune.run_type"  # transfer | pretrain: which board
+TAG_SCORE_VERSION = "graphtune.score_version"  # runs of another score definition are not ranked together
+TAG_TARGETS = "graphtune.targets"  # the cities the comparable score covers
+TAG_REFERENCE_KEY = "graphtune.reference_key"  # identity of the HA / persistence reference rows a run logs
+TAG_SOURCE = "graphtune.source"  # the pretrain run id or checkpoint a fine-tuning run started from
 
 # Characters MLflow accepts in param/metric keys on every OS (colons only outside Windows).
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")

@@ -15,7 +15,7 @@ guess whether an inverse-scaled value "is" the null value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -78,6 +78,10 @@ class DatasetBundle:
     units: str = ""
     null_value: float = 0.0
     meta: dict = field(default_factory=dict)
+    # A view made by `restrict`: the only training windows it allows (None = every window of the split),
+    # and what it lets a model or statistic see of the training split (None = all of it).
+    allowed_train: torch.Tensor | None = None
+    data_used: dict | None = None
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -106,6 +110,8 @@ class DatasetBundle:
         """
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {', '.join(self.splits)}")
+        if split == "train" and self.allowed_train is not None:
+            return self.allowed_train
         lo, hi = self.splits[split]
         last = hi - self.t_in - self.t_out  # last valid start (inclusive)
         step = self.stride if split == "train" else 1
@@ -130,6 +136,65 @@ class DatasetBundle:
         x[..., 1:] = self.time_features[steps_in][:, :, None, :]  # (B, T_in, 1, 2) broadcast over nodes
         y = self.target[steps_out]  # (B, T_out, N)
         return x, y
+
+    def restrict(self, train_starts: torch.Tensor, *, prompt_steps: int = 0,
+                 fallback_scaler: Scaler | None = None) -> "DatasetBundle":
+        """The city as one budget point may see it: only `train_starts`' windows of the training split,
+        plus the last `prompt_steps` steps of that split (an unlabelled prompt window), nothing else of it.
+
+        Every training reading outside those steps is hidden: NaN in `target` and 0 in `values`, so
+        whatever is derived from the view (the scaler, refitted on the visible readings; node prompts;
+        the historical average) depends on the visible data alone. Validation and test steps are kept:
+        they are what the point is selected and evaluated on. With no visible reading at all (a zero-shot
+        point without a prompt window) the scaler is `fallback_scaler`, i.e. the source model's.
+        `window_starts("train")` of the view returns `train_starts`. The view records what it exposes in
+        `data_used`: windows, steps, days and observed readings.
+        """
+        lo, hi = self.splits["train"]
+        starts = torch.as_tensor(train_starts, dtype=torch.long).sort().values
+        visible = self.visible_train_steps(starts, prompt_steps)
+        target = self.target.clone()  # (T, N) raw; hidden training steps become NaN
+        target[lo:hi][~visible] = float("nan")
+        train_part = target[lo:hi]
+        readings = int((~torch.isnan(train_part)).sum())
+        if readings:
+            scaler = Scaler.fit(train_part.numpy())
+        elif fallback_scaler is not None:
+            scaler = fallback_scaler
+        else:
+            raise ValueError(f"{self.name}: the view shows no training reading; pass fallback_scaler")
+        values = torch.nan_to_num(scaler.transform(target), nan=0.0).to(torch.float32)  # missing -> the mean
+        used = self.data_used_by(starts, prompt_steps) | {"scaler": "visible readings" if readings else "source"}
+        return replace(self, values=values, target=target, scaler=scaler, allowed_train=starts, data_used=used)
+
+    def visible_train_steps(self, train_starts: torch.Tensor, prompt_steps: int = 0) -> torch.Tensor:
+        """(T_train,) bool: the training steps covered by the windows `train_starts` or the prompt window."""
+        lo, hi = self.splits["train"]
+        starts = torch.as_tensor(train_starts, dtype=torch.long)
+        span = self.t_in + self.t_out
+        if starts.numel() and (int(starts.min()) < lo or int(starts.max()) + span > hi):
+            raise ValueError(f"train_starts must be windows inside the training split [{lo}, {hi})")
+        if prompt_steps < 0:
+            raise ValueError(f"prompt_steps must be >= 0, got {prompt_steps}")
+        # Steps covered by a window: +1 at each start, -1 one window later; a positive running sum is covered.
+        edges = torch.zeros(hi - lo + 1, dtype=torch.long)
+        edges.index_add_(0, starts - lo, torch.ones_like(starts))
+        edges.index_add_(0, starts - lo + span, -torch.ones_like(starts))
+        visible = edges.cumsum(0)[:-1] > 0
+        if prompt_steps:
+            visible[max(0, hi - lo - prompt_steps):] = True
+        return visible
+
+    def data_used_by(self, train_starts: torch.Tensor, prompt_steps: int = 0) -> dict:
+        """What training on `train_starts` (plus a prompt window) reads of this city: windows, steps, days
+        and observed readings (sensor x step values that are not missing)."""
+        lo, hi = self.splits["train"]
+        visible = self.visible_train_steps(train_starts, prompt_steps)
+        steps = int(visible.sum())
+        readings = int((~torch.isnan(self.target[lo:hi][visible])).sum())
+        return {"windows": int(torch.as_tensor(train_starts).numel()), "steps": steps,
+                "days": steps * self.interval_minutes / 1440.0, "readings": readings,
+                "prompt_steps": min(prompt_steps, hi - lo)}
 
     def loader(
         self,
