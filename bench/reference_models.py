@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphtune.models.dcrnn import teacher_forcing_probability
+from graphtune.models.seq2seq import teacher_forcing_probability
 
 
 def _adjacency(adj) -> torch.Tensor:

@@ -27,6 +27,8 @@ class LinearOverTime(nn.Module):
 class RecordingModel(LinearOverTime):
     """Records what it is called with in training mode, and takes teacher-forcing targets."""
 
+    takes_targets = True  # the ForecastModel hook: the train step passes scaled targets
+
     def __init__(self):
         super().__init__()
         self.train_inputs, self.train_targets, self.eval_targets = [], [], []

@@ -158,7 +158,7 @@ def test_model_kwargs_are_named_after_the_option_they_come_from():
         check_model_kwargs("hypernet", {"hidden": 0}, option="source.model_kwargs")
     with pytest.raises(ConfigError, match=r"^experiment\.model_kwargs: expected a mapping, got \[\('hidden', 8\)\]$"):
         check_model_kwargs("hypernet", [("hidden", 8)])
-    with pytest.raises(ConfigError, match=r"^unknown model 'transformerxl'; known models: "):
+    with pytest.raises(ConfigError, match=r"^experiment\.model: unknown model 'transformerxl'; known models: "):
         check_model_kwargs("transformerxl", {})
     assert check_model_kwargs("hypernet", {"hidden": 8}) == {**model_defaults("hypernet"), "hidden": 8}
 

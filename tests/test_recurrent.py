@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from graphtune.data.synthetic import synthetic_bundle
-from graphtune.models.dcrnn import diffuse, teacher_forcing_probability
+from graphtune.models.dcrnn import diffuse
+from graphtune.models.seq2seq import teacher_forcing_probability
 from graphtune.models.dgcrn import MIX_WEIGHTS, future_time_of_day
 from graphtune.models.layers import propagate, random_walk_supports
 from graphtune.models.registry import build_model

@@ -7,7 +7,6 @@ loss and the reported metrics are in the city's own units (mph, vehicles/5 min).
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import time
@@ -152,7 +151,7 @@ class _TrainStep:
                  device: torch.device, clip_grad: float | None, amp: bool | None):
         self.model, self.bundle, self.optimizer = model, bundle, optimizer
         self.device, self.clip_grad = device, clip_grad
-        self.takes_targets = "targets" in inspect.signature(model.forward).parameters
+        self.takes_targets = getattr(model, "takes_targets", False)  # ForecastModel: teacher forcing reads them
         use_amp = device.type == "cuda" if amp is None else amp
         bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
         self.autocast_dtype = torch.bfloat16 if bf16 else torch.float16

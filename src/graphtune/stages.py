@@ -319,10 +319,8 @@ def transfer_stage(bundle: DatasetBundle, source: SourceModel | None, *, index: 
         torch.manual_seed(seed)  # every point starts from the same initial weights
         net = build_model(model, view, **model_kwargs)
         report = strat.apply(net, source.state if source is not None else None, same_nodes)
-        if report is not None and hasattr(net, "batches_seen"):
-            # a transferred seq2seq model has finished its teacher-forcing curriculum: fine-tune it free-running,
-            # the way it is evaluated (a rebuilt model would otherwise restart fully teacher-forced)
-            net.batches_seen = 10**9
+        if report is not None:
+            net.after_transfer()  # e.g. a seq2seq model ends its teacher-forcing curriculum (models.base)
         return net, report
 
     with observer.stage(index, "transfer", bundle.name):

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 from graphtune.checks import integer, number, optional
 from graphtune.models.layers import DiffusionGraphConv, daily_profile, random_walk_supports, tod_slot
+from graphtune.models.base import ForecastModel
 from graphtune.models.registry import register_model
 
 
-class HistoricalAverage(nn.Module):
+class HistoricalAverage(ForecastModel):
     """Per-node, per-time-of-day mean of the training split; x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
     def __init__(self, profile: torch.Tensor, node_mean: torch.Tensor, t_out: int, steps_per_day: int):
@@ -40,7 +41,7 @@ class HistoricalAverage(nn.Module):
         return self.node_profile[tod_slot(tod_ahead, num_slots)]  # (B, T_out, N)
 
 
-class GraphBaseline(nn.Module):
+class GraphBaseline(ForecastModel):
     """Window encoder + one diffusion step + shared head; x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
     def __init__(self, supports: list[torch.Tensor], t_in: int, t_out: int, hidden: int, dropout: float):
@@ -74,7 +75,7 @@ def baseline(bundle, *, hidden: int = 32, dropout: float = 0.0) -> GraphBaseline
     return GraphBaseline(random_walk_supports(bundle.adj), bundle.t_in, bundle.t_out, hidden, dropout)
 
 
-class Persistence(nn.Module):
+class Persistence(ForecastModel):
     """The last observed reading of each node, repeated over the horizon; x (B, T_in, N, 3) -> (B, T_out, N) scaled.
 
     Missing inputs arrive as 0.0 in scaled units (the train mean), so a step counts as observed when its

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from graphtune.checks import integer, number
 from graphtune.models.layers import tod_slot
+from graphtune.models.base import ForecastModel
 from graphtune.models.registry import register_model
 
 
@@ -58,7 +59,7 @@ def linear_attention(v: torch.Tensor, q_features: torch.Tensor, k_features: torc
     return torch.einsum("bnr,brf->bnf", q_features, kv) / normaliser[..., None]
 
 
-class BigST(nn.Module):
+class BigST(ForecastModel):
     """x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
     def __init__(

@@ -20,8 +20,6 @@ batch elements and features is a single (N, N) @ (N, B * F) matrix product.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,18 +27,7 @@ import torch.nn.functional as F
 from graphtune.checks import integer, number
 from graphtune.models.layers import random_walk_supports
 from graphtune.models.registry import register_model
-
-
-def teacher_forcing_probability(batches_seen: int, decay_steps: float) -> float:
-    """Scheduled-sampling probability of feeding the true value: k / (k + exp(batches_seen / k)).
-
-    The inverse sigmoid decay of Bengio et al. (2015) as used by DCRNN: close to 1 at the start,
-    one half near batches_seen = k * ln(k), then towards 0.
-    """
-    exponent = batches_seen / decay_steps
-    if exponent > 700.0:  # exp would overflow a float; the probability is 0 to double precision anyway
-        return 0.0
-    return decay_steps / (decay_steps + math.exp(exponent))
+from graphtune.models.seq2seq import Seq2SeqForecaster
 
 
 def diffuse(z: torch.Tensor, supports_t: torch.Tensor, steps: int) -> torch.Tensor:
@@ -91,18 +78,16 @@ class DCGRUCell(nn.Module):
         return update * h + (1.0 - update) * candidate
 
 
-class DCRNN(nn.Module):
+class DCRNN(Seq2SeqForecaster):
     """Encoder-decoder of stacked DCGRU cells; forward(x, targets=None) -> (B, T_out, N) scaled predictions."""
 
     def __init__(self, supports: list[torch.Tensor], *, t_out: int, input_size: int, hidden: int, num_layers: int,
                  diffusion_steps: int, cl_decay_steps: float):
-        super().__init__()
+        super().__init__(cl_decay_steps)
         self.t_out = t_out
         self.input_size = input_size
         self.num_layers = num_layers
         self.hidden = hidden
-        self.cl_decay_steps = cl_decay_steps
-        self.batches_seen = 0  # plain attribute: training forwards so far, drives scheduled sampling
         # (S, N, N) transposed transition matrices; non-persistent so no node-count-shaped tensor is saved
         self.register_buffer("node_supports", torch.stack([p.t() for p in supports]).contiguous(), persistent=False)
         num_supports = len(supports)
@@ -114,9 +99,6 @@ class DCRNN(nn.Module):
             DCGRUCell(1 if i == 0 else hidden, hidden, num_supports, diffusion_steps) for i in range(num_layers)
         )
         self.projection = nn.Linear(hidden, 1)  # last decoder state -> scaled value
-
-    def teacher_forcing_probability(self) -> float:
-        return teacher_forcing_probability(self.batches_seen, self.cl_decay_steps)
 
     def _step(self, cells: nn.ModuleList, inputs: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
         """Run one time step through the stacked cells, updating `states` in place; returns the top state."""
@@ -133,22 +115,14 @@ class DCRNN(nn.Module):
         for t in range(t_in):
             self._step(self.encoder, inputs[t], states)
 
-        teacher = None
-        if self.training:
-            p_teacher = self.teacher_forcing_probability()
-            self.batches_seen += 1
-            if targets is not None:
-                teacher = torch.nan_to_num(targets, nan=0.0).permute(1, 2, 0).unsqueeze(-1)  # (T_out, N, B, 1)
+        teacher = self.start_decoding(targets, lambda y: y.permute(1, 2, 0).unsqueeze(-1))  # (T_out, N, B, 1)
         decoder_input = x.new_zeros(n, b, 1)  # the GO symbol
         outputs = []
         for t in range(self.t_out):
             top = self._step(self.decoder, decoder_input, states)
             prediction = self.projection(top)  # (N, B, 1)
             outputs.append(prediction)
-            decoder_input = prediction
-            # one coin per step for the whole batch, as in the reference implementation
-            if teacher is not None and torch.rand(()).item() < p_teacher:
-                decoder_input = teacher[t]
+            decoder_input = self.decoder_input(prediction, t, teacher)
         return torch.stack(outputs).squeeze(-1).permute(2, 0, 1)  # (T_out, N, B) -> (B, T_out, N)
 
 

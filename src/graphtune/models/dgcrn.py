@@ -37,9 +37,9 @@ import torch
 import torch.nn as nn
 
 from graphtune.checks import integer, number
-from graphtune.models.dcrnn import teacher_forcing_probability
 from graphtune.models.layers import random_walk_supports
 from graphtune.models.registry import register_model
+from graphtune.models.seq2seq import Seq2SeqForecaster
 
 
 MIX_WEIGHTS = (0.05, 0.95, 0.95)  # mix-hop (input kept a, dynamic graph b, pre-defined graph g), the paper's
@@ -135,19 +135,17 @@ class DGCRNCell(nn.Module):
         return update * h + (1.0 - update) * candidate
 
 
-class DGCRN(nn.Module):
+class DGCRN(Seq2SeqForecaster):
     """Encoder-decoder of DGCRN cells; forward(x, targets=None) -> (B, T_out, N) scaled predictions."""
 
     def __init__(self, supports: list[torch.Tensor], *, t_out: int, steps_per_day: int, hidden: int, node_dim: int,
                  depth: int, hyper_dim: int, middle_dim: int, tanh_alpha: float,
                  mix_weights: tuple[float, float, float], cl_decay_steps: float):
-        super().__init__()
+        super().__init__(cl_decay_steps)
         num_nodes = supports[0].shape[0]
         self.t_out = t_out
         self.steps_per_day = steps_per_day
         self.hidden = hidden
-        self.cl_decay_steps = cl_decay_steps
-        self.batches_seen = 0  # plain attribute: training forwards so far, drives scheduled sampling
         # (2, N, N) transposed forward/backward transition matrices; non-persistent: never saved
         self.register_buffer("node_supports", torch.stack([p.t() for p in supports]).contiguous(), persistent=False)
         self.node_emb_source = nn.Parameter(torch.randn(num_nodes, node_dim))  # N(0, 1) like nn.Embedding
@@ -156,9 +154,6 @@ class DGCRN(nn.Module):
         self.encoder = DGCRNCell(2, *cell_args)  # input: scaled value, time of day
         self.decoder = DGCRNCell(2, *cell_args)  # input: previous value, time of day of the predicted step
         self.projection = nn.Linear(hidden, 1)
-
-    def teacher_forcing_probability(self) -> float:
-        return teacher_forcing_probability(self.batches_seen, self.cl_decay_steps)
 
     def _cell(self, cell: DGCRNCell, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return cell(x, h, self.node_emb_source, self.node_emb_target, self.node_supports)
@@ -172,22 +167,14 @@ class DGCRN(nn.Module):
 
         tod = future_time_of_day(x[:, -1, :, 1], self.t_out, self.steps_per_day).unsqueeze(-1)  # (T_out, B, N, 1)
 
-        teacher = None
-        if self.training:
-            p_teacher = self.teacher_forcing_probability()
-            self.batches_seen += 1
-            if targets is not None:
-                teacher = torch.nan_to_num(targets, nan=0.0).transpose(0, 1).unsqueeze(-1)  # (T_out, B, N, 1)
+        teacher = self.start_decoding(targets, lambda y: y.transpose(0, 1).unsqueeze(-1))  # (T_out, B, N, 1)
         value = x.new_zeros(b, n, 1)  # the GO symbol
         outputs = []
         for t in range(self.t_out):
             h = self._cell(self.decoder, torch.cat([value, tod[t]], dim=-1), h)
             prediction = self.projection(h)  # (B, N, 1)
             outputs.append(prediction)
-            value = prediction
-            # one coin per step for the whole batch, as in the reference implementation
-            if teacher is not None and torch.rand(()).item() < p_teacher:
-                value = teacher[t]
+            value = self.decoder_input(prediction, t, teacher)
         return torch.cat(outputs, dim=-1).transpose(1, 2)  # (B, N, T_out) -> (B, T_out, N)
 
 

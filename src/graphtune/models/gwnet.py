@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from graphtune.checks import boolean, integer, number
 from graphtune.errors import ConfigError
 from graphtune.models.layers import DiffusionGraphConv, adaptive_adjacency, random_walk_supports
+from graphtune.models.base import ForecastModel
 from graphtune.models.registry import register_model
 
 
@@ -29,7 +30,7 @@ def receptive_field(blocks: int, layers: int, kernel_size: int = 2) -> int:
     return 1 + blocks * (kernel_size - 1) * (2**layers - 1)
 
 
-class GraphWaveNet(nn.Module):
+class GraphWaveNet(ForecastModel):
     """x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
     def __init__(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from graphtune.checks import integer, number
 from graphtune.models.layers import DiffusionGraphConv, daily_profile, graph_statistics, random_walk_supports
+from graphtune.models.base import ForecastModel
 from graphtune.models.registry import register_model
 
 
@@ -38,7 +39,7 @@ def node_prompts(bundle, profile_bins: int) -> torch.Tensor:
     return torch.cat([position, graph_statistics(bundle.adj), mean[:, None], std[:, None], shape], dim=1)
 
 
-class HyperNet(nn.Module):
+class HyperNet(ForecastModel):
     """x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
     def __init__(

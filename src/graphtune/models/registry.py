@@ -8,8 +8,8 @@
 
 A builder receives the DatasetBundle of the city it is built for (node count, graph,
 coordinates, steps per day, T_in/T_out, training statistics) and explicit keyword
-arguments; it returns an nn.Module whose forward maps x (B, T_in, N, C) -> (B, T_out, N)
-in scaled units.
+arguments; it returns a ForecastModel (graphtune.models.base) whose forward maps
+x (B, T_in, N, C) -> (B, T_out, N) in scaled units.
 
 Every keyword option declares its check (graphtune.checks) at registration, and its default must
 pass it, so `check_model_kwargs` can reject `experiment.model_kwargs` before any run opens.
@@ -18,19 +18,29 @@ pass it, so `check_model_kwargs` can reject `experiment.model_kwargs` before any
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
-
-import torch.nn as nn
 
 from graphtune.checks import Check, mapping
 from graphtune.errors import ConfigError
+from graphtune.models.base import ForecastModel
+from graphtune.registry import Registry
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
-_OPTIONS: dict[str, dict[str, Check]] = {}
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its builder and the check of each keyword option."""
+
+    name: str
+    builder: Callable[..., ForecastModel]
+    options: dict[str, Check]
+
+
+MODELS: Registry[ModelSpec] = Registry("model", option="experiment.model", providers=("graphtune.models",))
 
 
 def register_model(name: str, options: dict[str, Check] | None = None):
-    """Decorator that registers `builder(bundle, **kwargs) -> nn.Module` under `name`.
+    """Decorator that registers `builder(bundle, **kwargs) -> ForecastModel` under `name`.
 
     `options` maps each keyword option of the builder to its check; None = the builder has no options.
     Registration fails with ValueError when an option lacks a check (or a default), a check names no
@@ -38,9 +48,7 @@ def register_model(name: str, options: dict[str, Check] | None = None):
     """
     options = dict(options or {})
 
-    def decorator(builder: Callable[..., nn.Module]):
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} is already registered (by {_BUILDERS[name].__module__})")
+    def decorator(builder: Callable[..., ForecastModel]):
         where = f"model {name!r} ({builder.__module__}.{builder.__qualname__})"
         params = list(inspect.signature(builder).parameters.values())[1:]  # the first one is the bundle
         for p in params:
@@ -57,7 +65,7 @@ def register_model(name: str, options: dict[str, Check] | None = None):
         extra = sorted(set(options) - {p.name for p in params})
         if extra:
             raise ValueError(f"{where}: checks for option(s) the builder does not take: {', '.join(extra)}")
-        _BUILDERS[name], _OPTIONS[name] = builder, options
+        MODELS.register(name, ModelSpec(name, builder, options), owner=builder.__module__)
         builder.model_name = name
         return builder
 
@@ -66,13 +74,11 @@ def register_model(name: str, options: dict[str, Check] | None = None):
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_BUILDERS)
+    return MODELS.names()
 
 
-def _builder(name: str) -> Callable[..., nn.Module]:
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _BUILDERS[name]
+def _builder(name: str) -> Callable[..., ForecastModel]:
+    return MODELS.get(name).builder
 
 
 def model_defaults(name: str) -> dict:
@@ -83,8 +89,7 @@ def model_defaults(name: str) -> dict:
 
 def model_options(name: str) -> dict[str, Check]:
     """The check of every keyword option of model `name` (each has a human `description`)."""
-    _builder(name)  # unknown name -> the error listing the registered models
-    return dict(_OPTIONS[name])
+    return dict(MODELS.get(name).options)
 
 
 def check_model_kwargs(name: str, kwargs, option: str = "experiment.model_kwargs") -> dict:
@@ -115,5 +120,7 @@ def build_model(name: str, bundle, **kwargs) -> nn.Module:
     """
     check_model_kwargs(name, kwargs)
     model = _builder(name)(bundle, **kwargs)
+    if not isinstance(model, ForecastModel):  # the loops rely on its hooks (takes_targets, after_transfer)
+        raise TypeError(f"model {name!r}: the builder returned a {type(model).__name__}, not a ForecastModel")
     model.model_name = name
     return model
