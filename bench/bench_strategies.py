@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 from graphtune.compare import format_table, leaderboard  # noqa: E402
 from graphtune.config import load_params  # noqa: E402
-from graphtune.experiment import execute, plan_experiment  # noqa: E402
+from graphtune.transfer.experiment import execute, plan_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "strategies.json"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from graphtune.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
+from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
 from graphtune.errors import ConfigError
 
 STARTS = torch.arange(100, 130)  # 30 windows

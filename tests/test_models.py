@@ -10,10 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from graphtune.checks import Check, integer
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.errors import ConfigError
-from graphtune.models import build_model, list_models, load_partial_state, model_defaults
+from graphtune.models import build_model, list_models, model_defaults
+from graphtune.transfer.state import load_partial_state
 from graphtune.models.registry import check_model_kwargs, model_options, register_model
 from graphtune.models.layers import daily_profile, graph_statistics, propagate, random_walk_supports
-from graphtune.models.transfer import SKIP_NODE, is_node_specific
+from graphtune.transfer.state import SKIP_NODE, is_node_specific
 
 BATCH = 4
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from graphtune.data.prepare import prepare_dataset
-from graphtune.stages import CurveSettings, TrainSettings, run_experiment
+from graphtune.transfer.stages import CurveSettings, TrainSettings, run_experiment
 
 CASES = {"baseline": {}, "hypernet": {}, "dcrnn": {"hidden": 8},
          "gwnet": {"residual_channels": 4, "dilation_channels": 4, "skip_channels": 8, "end_channels": 8}}

@@ -14,7 +14,7 @@ from graphtune.models.seq2seq import teacher_forcing_probability
 from graphtune.models.dgcrn import MIX_WEIGHTS, future_time_of_day
 from graphtune.models.layers import propagate, random_walk_supports
 from graphtune.models.registry import build_model
-from graphtune.models.transfer import transferable_share
+from graphtune.transfer.state import transferable_share
 
 MODELS = ["dcrnn", "dgcrn"]
 NODE_COUNTS = [7, 11]

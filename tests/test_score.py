@@ -3,7 +3,7 @@ import math
 import pytest
 
 from graphtune.errors import ConfigError
-from graphtune.score import ScoreWeights, StageInputs, budgets_from_config, score_experiment, transfer_auc
+from graphtune.transfer.score import ScoreWeights, StageInputs, budgets_from_config, score_experiment, transfer_auc
 
 W = ScoreWeights()
 RENORM = (W.w_perf + W.w_transfer_auc + W.w_eff) / (W.w_perf + W.w_eff)  # 1.0 / 0.65 with the defaults
@@ -116,7 +116,7 @@ def test_to_dict_is_flat_enough_for_json():
 
 
 # ============================================================================ the comparable score
-from graphtune.score import (CostReferences, StageMeasures, comparable_score, cost_share,  # noqa: E402
+from graphtune.transfer.score import (CostReferences, StageMeasures, comparable_score, cost_share,  # noqa: E402
                              skill, skill_auc)
 
 REFS = CostReferences()

@@ -7,7 +7,7 @@ import torch
 
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.errors import ConfigError
-from graphtune.stages import CurveSettings, Observer, TrainSettings, per_stage, prompt_steps, run_experiment
+from graphtune.transfer.stages import CurveSettings, Observer, TrainSettings, per_stage, prompt_steps, run_experiment
 
 ONE = TrainSettings(epochs=1, lr=0.003, batch_size=64)
 
@@ -90,7 +90,7 @@ def test_time_budget_is_enforced(cities):
 
 
 def test_transferred_seq2seq_model_finetunes_free_running(cities, monkeypatch):
-    import graphtune.stages as stages
+    import graphtune.transfer.stages as stages
 
     seen = []
     real_fit = stages.fit
@@ -147,7 +147,7 @@ def _tampered(bundle, hidden: torch.Tensor):
 
 @pytest.mark.parametrize("model", ["hypernet", "ha", "baseline"])
 def test_each_point_sees_only_its_budget(cities, model):
-    from graphtune.budget import sample_windows
+    from graphtune.transfer.budget import sample_windows
 
     source, target = cities
     curve = CurveSettings(fractions=(0.2,), min_gain_rate=-1e9, min_rel_improve=-1e9)
@@ -198,7 +198,7 @@ def test_the_prompt_window_is_what_zero_shot_may_read(cities):
 
 
 def test_zero_shot_uses_the_source_scaler_and_points_refit_their_own(cities):
-    from graphtune.budget import sample_windows
+    from graphtune.transfer.budget import sample_windows
 
     source, target = cities
     capture = _Capture()

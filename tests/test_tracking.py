@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,6 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from graphtune import compare
 from graphtune.errors import ConfigError
 from graphtune.plots import transfer_curve_figure
 from graphtune.tracking import (
@@ -95,12 +95,13 @@ def test_graphtune_tags():
     }
     with pytest.raises(ValueError, match="run kind"):
         graphtune_tags("sweep", model="m", strategy="s", datasets="a", seed=0)
-    # compare.py keeps its own copy of the tag keys (to stay free of mlflow): they must agree.
-    from graphtune import tracking
 
-    keys = ("MODEL", "STRATEGY", "DATASETS", "SEED", "KIND", "CONFIG_HASH", "CONFIG", "RUN_TYPE", "SCORE_VERSION",
-            "TARGETS", "REFERENCE_KEY", "SOURCE")
-    assert {getattr(tracking, f"TAG_{key}") for key in keys} == set(compare._TAG.values())
+
+def test_reading_tags_and_formatting_boards_import_no_mlflow():
+    code = ("import sys; import graphtune.compare, graphtune.tracking.tags; "
+            "print('mlflow' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from graphtune.models import TransferReport, load_partial_state
-from graphtune.models.transfer import SKIP_MISSING, SKIP_NODE, SKIP_UNUSED, transferable_share
+from graphtune.transfer.state import TransferReport, load_partial_state
+from graphtune.transfer.state import SKIP_MISSING, SKIP_NODE, SKIP_UNUSED, transferable_share
 
 
 class Tiny(nn.Module):

@@ -221,7 +221,7 @@ def _stage_values(values, stages: list[int]) -> list:
 
 
 def _run(params, explicit, overrides, no_tracking, source_ref=""):
-    from graphtune.experiment import execute, plan_experiment
+    from graphtune.transfer.experiment import execute, plan_experiment
 
     explicit = explicit + [o.split("=")[0] for o in overrides if o.startswith("transfer.")]
     plan = plan_experiment(params, explicit_transfer=explicit, source_ref=source_ref,
@@ -332,7 +332,7 @@ def models_cmd(profile_city, target_city, params_path):
             opts = ", ".join(f"{k}={v}" for k, v in model_defaults(name).items())
             click.echo(f"{name:10s} {opts}")
         return
-    from graphtune.experiment import load_bundles
+    from graphtune.transfer.experiment import load_bundles
     from graphtune.profiling import profile_models
 
     params = load_params(params_path if Path(params_path).is_file() else None)

@@ -11,11 +11,11 @@ Rules.
 - Only runs tagged graphtune.kind=experiment with status FINISHED count: a FAILED or KILLED run (a
   diverged fit included) has no trustworthy metrics and never reaches a board.
 - A row is one configuration: runs are grouped by `graphtune.config_hash`, the hash of the whole
-  resolved configuration except the seed (graphtune.experiment). Runs that differ in anything else
+  resolved configuration except the seed (graphtune.transfer.experiment). Runs that differ in anything else
   (epochs, learning rates, fractions, weights, budgets, model options, data) are separate rows; the
   `differs` column names what sets a row apart from its siblings of the same model, strategy and cities.
 - When one seed of a configuration was run more than once, only its latest run counts.
-- Rows are ranked by `score`, the comparable score (graphtune.score): it depends only on each run's own
+- Rows are ranked by `score`, the comparable score (graphtune.transfer.score): it depends only on each run's own
   measurements and fixed city references, so adding or removing runs changes no row's score. Ties go to
   the lower final test RMSE, then to names. Mean over seeds; std is the sample std (ddof=1), NaN for one.
 - Two boards: `transfer` (runs that move to a target city) and `pretrain` (source models trained on one
@@ -40,7 +40,8 @@ from typing import Any
 import pandas as pd
 
 from graphtune.errors import ConfigError
-from graphtune.score import SCORE_VERSION
+from graphtune.tracking import tags
+from graphtune.transfer.score import SCORE_VERSION
 
 BOARDS = ("transfer", "pretrain")
 SPREAD_METRICS = ("score", "final_test_mae", "final_test_rmse", "final_test_mape")  # mean and std over seeds
@@ -62,10 +63,11 @@ COLUMNS = [
 ]
 REFERENCES = ("ha", "persistence")
 
-# The graphtune.* tag keys; repeated from tracking.py so that this module does not import mlflow.
-_TAG = {key: f"graphtune.{key}" for key in ("model", "strategy", "datasets", "seed", "kind", "config_hash",
-                                            "run_type", "score_version", "targets", "reference_key", "config",
-                                            "source")}
+# The graphtune.* tag keys a row is read from (graphtune.tracking.tags imports no mlflow).
+_TAG = {"model": tags.TAG_MODEL, "strategy": tags.TAG_STRATEGY, "datasets": tags.TAG_DATASETS, "seed": tags.TAG_SEED,
+        "kind": tags.TAG_KIND, "config_hash": tags.TAG_CONFIG_HASH, "run_type": tags.TAG_RUN_TYPE,
+        "score_version": tags.TAG_SCORE_VERSION, "targets": tags.TAG_TARGETS, "reference_key": tags.TAG_REFERENCE_KEY,
+        "config": tags.TAG_CONFIG, "source": tags.TAG_SOURCE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +335,7 @@ _DISPLAY = [
 
 BOARD_TITLES = {
     "transfer": "Transfer: ranked by score, comparable across runs (skill vs the historical average, transfer AUC "
-                "and deterministic cost; graphtune.score). `reference` rows: HA and persistence on the same cities.",
+                "and deterministic cost; graphtune.transfer.score). `reference` rows: HA and persistence on the same cities.",
     "pretrain": "Pretraining (source models on one city): ranked by the same score; not comparable with transfers.",
 }
 NOTE = ("Mean ± sample std over seeds. One row per configuration (config = its hash; differs = what sets it apart "

@@ -85,7 +85,7 @@ class ExperimentConfig:
     model: str = option("gwnet", text(nonempty=True))  # a registered model name (graphtune models)
     # overrides of the model's builder defaults; names and ranges are checked by check_model_kwargs
     model_kwargs: dict = option({}, mapping())
-    strategy: str = option("full", text(nonempty=True))  # full | freeze-transferred | scratch (graphtune.strategies)
+    strategy: str = option("full", text(nonempty=True))  # full | freeze-transferred | scratch (transfer.strategies)
     # seeds init, shuffling and the few-shot subsets: same seed, same metrics on CPU
     seed: int = option(0, integer(min=0))
     device: str = option("auto", text(nonempty=True))  # auto = cuda when available, else cpu
@@ -139,7 +139,7 @@ class BudgetConfig:
 
 @dataclass
 class ScoreConfig:
-    """`score:` S_uep weights and the reference budgets of the comparable score (see graphtune.score)."""
+    """`score:` S_uep weights and the reference budgets of the comparable score (see graphtune.transfer.score)."""
 
     # GraphTune-lite's weights; each >= 0, since a negative weight would reward a worse forecast or an overrun
     w_perf: float = option(0.45, NON_NEGATIVE)  # accuracy is the main goal

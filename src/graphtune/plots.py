@@ -146,7 +146,7 @@ def stage_scores_png(scores: dict[str, float], path: str | os.PathLike, title: s
     ax.invert_yaxis()
     for y, v in enumerate(values):
         ax.annotate(f"{v:.3f}", (v, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize="small")
-    ax.set_xlabel("stage score (see graphtune.score)")
+    ax.set_xlabel("stage score (see graphtune.transfer.score)")
     if title:
         ax.set_title(title, fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)

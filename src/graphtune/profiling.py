@@ -306,7 +306,8 @@ def profile_models(bundle: DatasetBundle, target: DatasetBundle | None = None, n
                    seed: int = 0) -> list[dict]:
     """Build every registered model (or `names`) for `bundle`: parameters, FLOPs per batch, thop cross-check,
     and the share of parameters that `load_partial_state` transfers to the same model built for `target`."""
-    from graphtune.models import build_model, list_models, load_partial_state
+    from graphtune.models import build_model, list_models
+    from graphtune.transfer.state import load_partial_state
 
     rows = []
     for name in names or list_models():

@@ -8,7 +8,6 @@ for _module in pkgutil.iter_modules(__path__):  # each model file registers itse
     importlib.import_module(f"{__name__}.{_module.name}")
 from graphtune.models.registry import (build_model, check_model_kwargs, list_models, model_defaults, model_options,
                                        register_model)
-from graphtune.models.transfer import TransferReport, load_partial_state, transferable_share
 
 __all__ = [
     "register_model",
@@ -17,7 +16,4 @@ __all__ = [
     "model_defaults",
     "model_options",
     "check_model_kwargs",
-    "load_partial_state",
-    "transferable_share",
-    "TransferReport",
 ]

@@ -111,7 +111,7 @@ def check_model_kwargs(name: str, kwargs, option: str = "experiment.model_kwargs
     return {**model_defaults(name), **kwargs}
 
 
-def build_model(name: str, bundle, **kwargs) -> nn.Module:
+def build_model(name: str, bundle, **kwargs) -> ForecastModel:
     """Build model `name` for `bundle`'s city.
 
     Unknown names, unknown options and values out of range fail with check_model_kwargs's ConfigError

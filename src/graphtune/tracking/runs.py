@@ -1,30 +1,9 @@
-"""MLflow tracking: the only module in GraphTune that imports mlflow.
-
-Run structure (what `compare.py` and the MLflow UI rely on)::
-
-    experiment run          graphtune.kind=experiment   one per (model, strategy, datasets, seed)
-      stage run             graphtune.kind=stage        stage 0 = pretrain on the first city,
-                                                        stage k = transfer to city k
-        budget run          graphtune.kind=budget       one per fine-tuning budget fraction
-
-Every run carries `graphtune.model`, `graphtune.strategy`, `graphtune.datasets` and `graphtune.seed`
-tags (build them with `graphtune_tags`), and the experiment's `graphtune.config_hash`, `graphtune.run_type`
-and `graphtune.score_version`; stage and budget runs add `graphtune.stage` and `graphtune.city`, budget
-runs `graphtune.fraction`. Experiment runs also carry `graphtune.config`, `graphtune.targets`,
-`graphtune.reference_key` and, when fine-tuned from a source, `graphtune.source` (the TAG_* constants). Top-level runs also get `git.commit` and
-`git.dirty` automatically; `dvc.data_hashes` and `device` are passed in by the caller.
+"""Writing runs: the Tracker (nested runs, statuses, batched params/metrics/tags, artifacts). Imports mlflow.
 
 Nested runs are in-process (`mlflow.start_run(nested=True)`), each started in the parent's
 experiment. Params, metrics and tags go through `MlflowClient.log_batch` against the run's id: one
 call per dict instead of one per value (100 metrics on a sqlite store: 0.09 s batched, 2.9 s
 one call each, as each call is a committed transaction).
-
-Stores. The default is `sqlite:///mlflow.db` (MLflow 3 refuses to open its plain file store).
-For a sqlite store the artifacts live next to the database, in `<db folder>/mlartifacts/<experiment>`,
-not in MLflow's default `./mlruns` of whatever folder the process happens to start in. An http(s)
-URI talks to an `mlflow server`, which decides where artifacts go.
-
-Importing this module imports mlflow (slow, a few seconds); `graphtune/__init__.py` never imports it.
 """
 
 from __future__ import annotations
@@ -35,54 +14,24 @@ import math
 import os
 import re
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-# MLflow asks GitPython for the source commit of every run; without a git executable GitPython
-# would warn (or raise) on import. "quiet" keeps it silent; a caller's own setting wins.
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+from graphtune.tracking.store import (_artifact_location, _env, _global_tracking_uri, _new_client, _sqlite_path,
+                                      load_checkpoint, resolve_tracking_uri)
+from graphtune.tracking.tags import DEFAULT_EXPERIMENT, MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, TAG_ERROR, git_info
 
-import mlflow  # noqa: E402
-import pandas as pd  # noqa: E402
+import mlflow  # noqa: E402  (after graphtune.tracking.store, which sets GIT_PYTHON_REFRESH first)
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from graphtune.errors import ConfigError  # noqa: E402
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; the file store is refused
-DEFAULT_EXPERIMENT = "graphtune"  # what compare.leaderboard reads by default
-
-# MLflow's limits (mlflow.utils.validation); longer values are rejected, so we truncate first.
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
-
-RUN_KINDS = ("experiment", "stage", "budget")
-TAG_KIND = "graphtune.kind"
-TAG_MODEL = "graphtune.model"
-TAG_STRATEGY = "graphtune.strategy"
-TAG_DATASETS = "graphtune.datasets"
-TAG_SEED = "graphtune.seed"
-TAG_STAGE = "graphtune.stage"
-TAG_CITY = "graphtune.city"
-TAG_FRACTION = "graphtune.fraction"
-TAG_ERROR = "graphtune.error"  # "TypeName: message" of the exception that ended a run FAILED/KILLED
-# What groups and ranks experiment runs (graphtune.experiment writes them, graphtune.compare reads them).
-TAG_CONFIG_HASH = "graphtune.config_hash"  # hash of the resolved configuration except the seed: a leaderboard row
-TAG_CONFIG = "graphtune.config"  # that configuration as compact JSON (what the `differs` column is read from)
-TAG_RUN_TYPE = "graphtune.run_type"  # transfer | pretrain: which board
-TAG_SCORE_VERSION = "graphtune.score_version"  # runs of another score definition are not ranked together
-TAG_TARGETS = "graphtune.targets"  # the cities the comparable score covers
-TAG_REFERENCE_KEY = "graphtune.reference_key"  # identity of the HA / persistence reference rows a run logs
-TAG_SOURCE = "graphtune.source"  # the pretrain run id or checkpoint a fine-tuning run started from
 
 # Characters MLflow accepts in param/metric keys on every OS (colons only outside Windows).
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
@@ -104,11 +53,6 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure helpers
-# ---------------------------------------------------------------------------------------------
-
-
 def flatten(d: Mapping, prefix: str = "") -> dict:
     """Nested mappings (and dataclass instances) -> one flat dict with "."-joined keys.
 
@@ -128,112 +72,6 @@ def flatten(d: Mapping, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
-
-
-def graphtune_tags(
-    kind: str,
-    *,
-    model: str,
-    strategy: str,
-    datasets: str | list[str] | tuple[str, ...],
-    seed: int,
-    stage: int | None = None,
-    city: str | None = None,
-    fraction: float | None = None,
-) -> dict[str, str]:
-    """The standard `graphtune.*` tags of one run (see the module docstring for which run gets which)."""
-    if kind not in RUN_KINDS:
-        raise ValueError(f"run kind must be one of {RUN_KINDS}, got {kind!r}")
-    if not isinstance(datasets, str):
-        datasets = ",".join(datasets)
-    tags = {
-        TAG_KIND: kind,
-        TAG_MODEL: model,
-        TAG_STRATEGY: strategy,
-        TAG_DATASETS: datasets,
-        TAG_SEED: str(seed),
-    }
-    if stage is not None:
-        tags[TAG_STAGE] = str(int(stage))
-    if city is not None:
-        tags[TAG_CITY] = city
-    if fraction is not None:
-        tags[TAG_FRACTION] = repr(float(fraction))  # repr: 0.1 stays "0.1", never "0.10000000000000001"
-    return tags
-
-
-def git_info(path: str | os.PathLike = ".") -> dict[str, str]:
-    """{"git.commit": HEAD sha or "unknown", "git.dirty": "true" | "false" | "unknown"} for `path`.
-
-    "unknown" when `path` is not inside a git checkout, the checkout has no commit yet, or git is
-    not installed. Dirty means `git status --porcelain` lists anything (untracked files included).
-    """
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args],
-                cwd=path,
-                capture_output=True,
-                text=True,
-                timeout=10,  # a network filesystem can stall git; a tag is not worth waiting longer
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "--verify", "HEAD")
-    if not commit:
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    status = git("status", "--porcelain")
-    dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git.commit": commit, "git.dirty": dirty}
-
-
-def resolve_tracking_uri(tracking_uri: str | os.PathLike | None = None) -> str:
-    """The store to use: the argument, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
-
-    A relative sqlite path is made absolute (against the current folder, now), so that the same
-    store is used however the process changes folder later. A bare path ending in .db/.sqlite is
-    taken as a sqlite file. MLflow's plain file store (a folder or a file: URI) is refused.
-    """
-    uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///"):
-        path, _, query = uri[len("sqlite:///") :].partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            path = str(Path(path).resolve())
-        return f"sqlite:///{path}" + (f"?{query}" if query else "")
-    if "://" not in uri and uri not in ("databricks",):
-        if uri.endswith((".db", ".sqlite")):
-            return f"sqlite:///{Path(uri).resolve()}"
-        raise ConfigError(
-            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
-            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
-        )
-    if uri.startswith("file:"):
-        raise ConfigError(
-            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
-            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
-        )
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a resolved sqlite URI, None for any other store or an in-memory one."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].partition("?")[0]
-    return None if path in ("", ":memory:") else Path(path)
-
-
-def _artifact_location(uri: str, experiment_name: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a sqlite file; the server decides otherwise."""
-    db = _sqlite_path(uri)
-    if db is None:
-        return None
-    folder = re.sub(r"[^\w.\-]", "_", experiment_name)
-    return (db.parent / "mlartifacts" / folder).as_uri()
 
 
 def _key(key: Any) -> str:
@@ -283,43 +121,8 @@ def _now_ms() -> int:
 
 
 @contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (start_run, search_runs) at `uri`, and back afterwards.
-
-    mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI; that variable is put back exactly as
-    it was (or removed), so that a later Tracker() resolves the store the caller configured rather
-    than whatever MLflow's global held last.
-    """
-    previous = mlflow.get_tracking_uri()
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
-@contextmanager
 def _noop() -> Iterator[None]:
     yield
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Set one environment variable (an MLflow switch read at call time) for the block only."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 @contextmanager
@@ -334,24 +137,6 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _new_client(uri: str) -> MlflowClient:
-    with warnings.catch_warnings():
-        # MLflow's sqlite store trips a SQLAlchemy deprecation warning on creation: nothing a
-        # GraphTune user can act on, and shown by the CLI's "default" warning filter otherwise.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
-        return MlflowClient(tracking_uri=uri)
-
-
-def _is_missing(exc: MlflowException) -> bool:
-    """Whether MLflow answered "no such run" (sqlite and REST stores say it in one of two ways)."""
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-# ---------------------------------------------------------------------------------------------
-# The tracker
-# ---------------------------------------------------------------------------------------------
 
 
 class Tracker:
@@ -647,91 +432,3 @@ class Tracker:
     def load_checkpoint(self, run_id: str, name: str = "best.pt") -> dict:
         """The checkpoint `name` of `run_id` in this tracker's store (works when disabled too)."""
         return load_checkpoint(run_id, name, tracking_uri=self.tracking_uri)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the store
-# ---------------------------------------------------------------------------------------------
-
-
-def _client_for_reading(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    """A client on an existing store; a sqlite file that does not exist is a ConfigError, not a new store."""
-    uri = resolve_tracking_uri(tracking_uri)
-    db = _sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise ConfigError(f"tracking store {uri}: no such sqlite file {db}")
-    return _new_client(uri), uri
-
-
-def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
-    """Whether `run_id` is a run (of any status) in the store; False if a sqlite store does not exist."""
-    db = _sqlite_path(resolve_tracking_uri(tracking_uri))
-    if db is not None and not db.is_file():
-        return False  # and do not create an empty store just to look into it
-    client, _ = _client_for_reading(tracking_uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as exc:
-        if _is_missing(exc):
-            return False
-        raise
-    return True
-
-
-def load_checkpoint(run_id: str, name: str = "best.pt", tracking_uri: str | None = None) -> dict:
-    """Download the artifact `name` of `run_id` and torch.load it onto the CPU.
-
-    A run id the store does not know, or a run without that artifact, is a ConfigError naming it.
-    """
-    import torch
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if not run_exists(run_id, uri):
-        raise ConfigError(f"checkpoint run id {run_id!r}: no such run in tracking store {uri}")
-    client, _ = _client_for_reading(uri)
-    with tempfile.TemporaryDirectory() as tmp, _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-        try:
-            local = client.download_artifacts(run_id, name, tmp)
-        except (MlflowException, OSError):
-            have = sorted(info.path for info in client.list_artifacts(run_id))
-            raise ConfigError(
-                f"checkpoint {name!r}: run {run_id} has no such artifact (it has: {', '.join(have) or 'none'})"
-            ) from None
-        # weights_only: a state dict is tensors and plain containers; never unpickle arbitrary code.
-        return torch.load(local, map_location="cpu", weights_only=True)
-
-
-def search_runs(
-    tracking_uri: str | None = None,
-    experiment_names: str | list[str] | tuple[str, ...] | None = None,
-    filter_string: str = "",
-    parent_run_id: str | None = None,
-) -> pd.DataFrame:
-    """mlflow.search_runs over the named experiments (all active ones if None) of a store.
-
-    Columns as MLflow gives them: run_id, status, start_time, ..., "metrics.<key>",
-    "params.<key>", "tags.<key>". `parent_run_id` keeps the runs nested directly under that run.
-    An experiment name the store does not have is a ConfigError listing the ones it has.
-    """
-    client, uri = _client_for_reading(tracking_uri)
-    existing = [e.name for e in client.search_experiments()]  # active experiments only
-    if experiment_names is None:
-        names = existing
-    else:
-        names = [experiment_names] if isinstance(experiment_names, str) else list(experiment_names)
-        missing = [n for n in names if n not in existing]
-        if missing:
-            raise ConfigError(
-                f"experiment {missing[0]!r}: not in tracking store {uri} (it has: {', '.join(existing) or 'none'})"
-            )
-    if not names:
-        return pd.DataFrame()
-    filters = [filter_string.strip()] if filter_string and filter_string.strip() else []
-    if parent_run_id:
-        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    with _global_tracking_uri(uri):
-        return mlflow.search_runs(
-            experiment_names=names,
-            filter_string=" AND ".join(filters),
-            output_format="pandas",
-        )

@@ -6,7 +6,7 @@
                  weights (strategy), evaluate; then for each budget fraction f: the view of the city
                  that holds only f's sampled windows, build and transfer again, fine-tune, evaluate;
                  a loss-gradient scheduler stops the curve once gains flatten                -> StageResult
-    all stages   the comparable score and GraphTune-lite's S_uep (graphtune.score)           -> ExperimentResult
+    all stages   the comparable score and GraphTune-lite's S_uep (graphtune.transfer.score)           -> ExperimentResult
 
 What each point may see of the target city (`DatasetBundle.restrict`):
 
@@ -23,7 +23,7 @@ Each point records the data it used (windows, steps, days, observed readings). T
 for the score, like the test split: no model ever sees them.
 
 No MLflow and no files here: an `Observer` receives the events (stage and budget starts, epochs,
-results) and the experiment runner (graphtune.experiment) turns them into tracked runs and outputs.
+results) and the experiment runner (graphtune.transfer.experiment) turns them into tracked runs and outputs.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from graphtune.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
+from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
 from graphtune.data.bundle import DatasetBundle, Scaler
 from graphtune.engine import evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
-from graphtune.score import (ComparableScore, CostReferences, ScoreResult, ScoreWeights, StageInputs, StageMeasures,
+from graphtune.transfer.score import (ComparableScore, CostReferences, ScoreResult, ScoreWeights, StageInputs, StageMeasures,
                              comparable_score, score_experiment)
-from graphtune.strategies import Strategy, get_strategy
+from graphtune.transfer.strategies import Strategy, get_strategy
 
 
 # ----------------------------------------------------------------------------- settings
@@ -62,7 +62,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class CurveSettings:
-    """The budget curve of a transfer stage and its scheduler (see graphtune.budget)."""
+    """The budget curve of a transfer stage and its scheduler (see graphtune.transfer.budget)."""
 
     fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
     fewshot_mode: str = "subset"

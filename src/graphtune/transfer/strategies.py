@@ -24,7 +24,7 @@ from typing import Callable
 import torch.nn as nn
 
 from graphtune.errors import ConfigError
-from graphtune.models.transfer import TransferReport, load_partial_state
+from graphtune.transfer.state import TransferReport, load_partial_state
 
 Apply = Callable[[nn.Module, dict, bool], "TransferReport | None"]
 

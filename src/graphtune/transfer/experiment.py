@@ -42,10 +42,10 @@ from graphtune.fileio import atomic_directory, check_owned
 from graphtune.metrics import HORIZONS
 from graphtune.models import check_model_kwargs, model_defaults
 from graphtune.plots import stage_scores_png, transfer_curve_png
-from graphtune.score import SCORE_VERSION, CostReferences, ScoreWeights, budgets_from_config, comparable_score
-from graphtune.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
+from graphtune.transfer.score import SCORE_VERSION, CostReferences, ScoreWeights, budgets_from_config, comparable_score
+from graphtune.transfer.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
                               check_curve, per_stage, resolve_device, run_experiment, scored_stages, stage_measures)
-from graphtune.strategies import get_strategy
+from graphtune.transfer.strategies import get_strategy
 from graphtune.tracking import (TAG_CONFIG, TAG_CONFIG_HASH, TAG_REFERENCE_KEY, TAG_RUN_TYPE, TAG_SCORE_VERSION,
                                 TAG_SOURCE, TAG_TARGETS, Tracker, graphtune_tags, load_checkpoint, run_exists)
 
