@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from graphtune.config import TrainConfig  # noqa: E402
 from graphtune.data.prepare import prepare_dataset  # noqa: E402
 from graphtune.engine import evaluate, fit  # noqa: E402
 from graphtune.models import build_model  # noqa: E402
@@ -87,8 +88,9 @@ def run_model(bundle, name: str, minutes: float, device: str = "cpu") -> dict:
             print(f"    {name} epoch {epoch:3d}  train {entry['train_loss']:.3f}  val MAE {entry['val_mae']:.3f}  "
                   f"({entry['epoch_time_s']:.1f} s)", flush=True)
 
-        result = fit(model, bundle, epochs=config["max_epochs"], lr=config["lr"], seed=SEED, patience=PATIENCE,
-                     time_budget_s=60.0 * minutes, device=device, progress=False, on_epoch_end=report)
+        train = TrainConfig(epochs=[config["max_epochs"]], lrs=[config["lr"]], early_stop_patience=PATIENCE)
+        result = fit(model, bundle, train, seed=SEED, time_budget_s=60.0 * minutes, device=device, progress=False,
+                     on_epoch_end=report)
         row.update({"lr": config["lr"], "max_epochs": config["max_epochs"], "time_cap_s": 60.0 * minutes,
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
                     "best_val_mae": result.best_val_mae, "stopped": result.stopped_reason,

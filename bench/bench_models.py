@@ -60,7 +60,8 @@ import torch  # noqa: E402
 from graphtune.data.loaders import read_graph, read_locations  # noqa: E402
 from graphtune.data.prepare import prepare_dataset  # noqa: E402
 from graphtune.data.synthetic import random_geometric_graph, synthetic_bundle  # noqa: E402
-from graphtune.metrics import masked_mae_loss  # noqa: E402
+from graphtune.config import TrainConfig  # noqa: E402
+from graphtune.engine import TrainStep  # noqa: E402
 from graphtune.models import build_model, list_models  # noqa: E402
 from graphtune.profiling import MB, ResourceMonitor, count_flops, count_parameters  # noqa: E402
 from isolation import isolated  # noqa: E402  (bench/, next to this script)
@@ -70,9 +71,8 @@ PEMS_BAY_GRAPH = ROOT / "data" / "sample" / "pems-bay-graph"
 OUT = ROOT / "bench" / "results" / "models.json"
 
 BATCH = 64  # the DCRNN/GWNet protocol batch, what `fit` uses by default
-LR = 1e-3  # a typical Adam rate; throughput does not depend on it
-WEIGHT_DECAY = 1e-4  # `fit`'s default
-CLIP = 5.0  # `fit`'s default gradient clip norm
+# params.yaml's training settings, with a typical Adam rate (throughput does not depend on it)
+TRAIN = TrainConfig(lrs=[1e-3])
 SHAPE_STEPS = 2016  # one week at 5 min, the length of the real METR-LA sample, for the PEMS-BAY shape too
 SCALING_MODELS = ("bigst", "gwnet")
 SCALING_BATCH = 4  # small: GWNet's step time grows with B * N^2, so a big batch would stop its sweep early
@@ -86,22 +86,8 @@ MEMORY_MARGIN_MB = 2048  # a point must leave this much of the machine's availab
 
 # ----------------------------------------------------------------------------- helpers
 def train_step_fn(model: torch.nn.Module, bundle, device: torch.device):
-    """An optimizer step as `fit` takes it; returns step(x, y) -> detached loss."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    model.train()
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.to(device), y.to(device)  # (B, T_in, N, 3), (B, T_out, N) raw with NaN = missing
-        targets = torch.nan_to_num(bundle.scaler.transform(y), nan=0.0)  # teacher forcing, scaled
-        optimizer.zero_grad(set_to_none=True)
-        pred = model(x, targets=targets)  # (B, T_out, N) scaled
-        loss = masked_mae_loss(bundle.scaler.inverse_transform(pred), y, bundle.null_value)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    """The engine's own optimizer step (graphtune.engine.TrainStep, what `fit` runs): step(x, y) -> detached loss."""
+    return TrainStep.for_config(model, bundle, TRAIN, device)
 
 
 def endless_batches(loader):

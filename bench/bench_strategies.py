@@ -44,7 +44,7 @@ def run_one(model: str, strategy: str, seed: int, store: str, work: Path) -> dic
     params.prepare.processed_dir = str(work / "processed")
     plan = plan_experiment(params)
     start = time.perf_counter()
-    result, run_id = execute(params, plan, echo=lambda _: None, output_dir=work / f"{model}-{strategy}-s{seed}")
+    result, run_id = execute(plan, echo=lambda _: None, output_dir=work / f"{model}-{strategy}-s{seed}")
     target = result.stages[-1]
     return {"model": model, "strategy": strategy, "seed": seed, "run_id": run_id, "config_hash": result.config_hash,
             "score": result.score.score, "S_uep": result.s_uep, "final_test_rmse": target.test_rmse,

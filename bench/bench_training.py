@@ -58,15 +58,18 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from graphtune.config import TrainConfig  # noqa: E402
 from graphtune.data.bundle import Scaler  # noqa: E402
+from graphtune.engine import TrainStep  # noqa: E402
 from graphtune.data.prepare import prepare_dataset  # noqa: E402
-from graphtune.metrics import MetricAccumulator, masked_mae_loss  # noqa: E402
+from graphtune.metrics import MetricAccumulator  # noqa: E402
 from graphtune.models import build_model, model_defaults  # noqa: E402
 from graphtune.profiling import ResourceMonitor  # noqa: E402
 from generated_city import METR_LA_SHAPE, NAME as GENERATED, city_entry, write_generated_city  # noqa: E402  (bench/)
@@ -78,9 +81,7 @@ WEEK = ROOT / "data" / "sample" / "metr-la-week" / "metr-la-week.h5"
 OUT = ROOT / "bench" / "results" / "training.json"
 
 BATCH = 64  # the DCRNN/GWNet protocol, and GraphTune-lite's loaders in this comparison
-LR = 3e-3  # params.yaml's pretraining rate
-WEIGHT_DECAY = 1e-4  # `fit`'s default
-CLIP = 5.0  # `fit`'s default
+TRAIN = TrainConfig(lrs=[3e-3])  # params.yaml's training settings at its pretraining rate
 WARMUP = 2  # untimed steps per model and pipeline: Adam state and first-touch allocations
 ROUNDS = 4  # (b) alternates ours / reference this many times
 FULL_SHAPE = METR_LA_SHAPE  # the full METR-LA series, for the memory comparison at scale
@@ -149,20 +150,10 @@ def reference_from_bundle(bundle, seed: int = 0) -> dict:
 
 # ----------------------------------------------------------------------------- shared training step
 def make_step(model: torch.nn.Module, scaler: Scaler, null_value: float):
-    """One optimizer step as `fit` takes it (teacher-forcing targets, masked MAE in raw units, clip, Adam)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        pred = model(x, targets=torch.nan_to_num(scaler.transform(y), nan=0.0))  # (B, T_out, N) scaled
-        loss = masked_mae_loss(scaler.inverse_transform(pred), y, null_value)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    """The engine's own optimizer step (graphtune.engine.TrainStep, what `fit` runs), for either pipeline: it
+    reads only the scaler and the null value of the data it trains on. Teacher-forcing targets go to the
+    models that declare `takes_targets`, masked MAE in raw units, clip, Adam."""
+    return TrainStep.for_config(model, SimpleNamespace(scaler=scaler, null_value=null_value), TRAIN, "cpu")
 
 
 def xy(batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,6 +149,8 @@ class RefDCGRUCell(nn.Module):
 class RefDCRNN(nn.Module):
     """GraphTune-lite's DCRNNModel on the scaled values; one stack of cells serves encoder and decoder."""
 
+    takes_targets = True  # its decoder is teacher-forced: the engine's train step passes the targets
+
     def __init__(self, adj, t_out: int, hidden: int, num_layers: int, diffusion_steps: int, cl_decay_steps: float):
         super().__init__()
         forward_rw, backward_rw = row_normalized_pair(adj)

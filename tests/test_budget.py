@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from graphtune.config import TransferConfig
 from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
 from graphtune.errors import ConfigError
 
@@ -58,7 +59,7 @@ def test_unknown_mode_is_a_config_error():
 
 
 def test_scheduler_stops_after_more_than_patience_flat_steps():
-    sched = BudgetScheduler(min_gain_rate=0.5, min_rel_improve=0.01, patience=1)
+    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.5, min_rel_improve=0.01, patience=1))
     assert not sched.update(0.0, 10.0)  # zero-shot reference
     assert not sched.update(0.1, 9.0)  # gain 1, rate 10, rel 0.1: not flat
     assert not sched.update(0.3, 8.95)  # gain 0.05, rate 0.25 < 0.5, rel 0.0056 < 0.01: flat 1 (= patience)
@@ -73,7 +74,7 @@ def test_scheduler_stops_after_more_than_patience_flat_steps():
 
 
 def test_scheduler_flat_needs_both_rates_low_and_resets():
-    sched = BudgetScheduler(min_gain_rate=0.5, min_rel_improve=0.1, patience=1)
+    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.5, min_rel_improve=0.1, patience=1))
     sched.update(0.0, 10.0)
     sched.update(0.1, 9.9)  # rate 1.0 >= 0.5 although rel 0.01 < 0.1: not flat
     sched.update(0.2, 9.9)  # no gain: flat
@@ -84,11 +85,11 @@ def test_scheduler_flat_needs_both_rates_low_and_resets():
 
 
 def test_scheduler_gain_is_measured_against_the_best_so_far():
-    sched = BudgetScheduler(min_gain_rate=0.1, min_rel_improve=0.01, patience=0)
+    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.1, min_rel_improve=0.01, patience=0))
     sched.update(0.0, 5.0)
     sched.update(0.2, 6.0)  # worse than zero-shot: negative gain, flat, patience 0 -> stop
     assert sched.steps[0]["gain"] == pytest.approx(-1.0) and sched.stopped_at == 0.2
-    sched2 = BudgetScheduler(min_gain_rate=1.0, min_rel_improve=0.5, patience=5)
+    sched2 = BudgetScheduler(TransferConfig(min_gain_rate=1.0, min_rel_improve=0.5, patience=5))
     for f, v in [(0.0, 5.0), (0.2, 6.0), (0.4, 4.0)]:
         sched2.update(f, v)
     assert sched2.steps[1]["gain"] == pytest.approx(1.0)  # against best 5.0, not the previous 6.0
@@ -96,10 +97,10 @@ def test_scheduler_gain_is_measured_against_the_best_so_far():
 
 
 def test_scheduler_nan_metric_is_flat_and_fractions_must_increase():
-    sched = BudgetScheduler(patience=0)
+    sched = BudgetScheduler(TransferConfig(patience=0))
     sched.update(0.0, 5.0)
     assert sched.update(0.1, math.nan)
-    s = BudgetScheduler()
+    s = BudgetScheduler(TransferConfig())
     s.update(0.3, 1.0)
     with pytest.raises(ConfigError, match="increase"):
         s.update(0.3, 0.9)

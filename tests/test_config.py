@@ -82,7 +82,7 @@ def test_every_option_declares_a_check_that_its_default_passes(name):
     ("prepare.split=[0.5,0.5,0.5]",
      "prepare.split: expected three positive fractions summing to 1, got [0.5, 0.5, 0.5]"),
     ("prepare.split=[0.7,0.3]", "prepare.split: expected three positive fractions summing to 1, got [0.7, 0.3]"),
-    ("prepare.normalized_k=1", "prepare.normalized_k: expected a value in [0, 1), got 1"),
+    ("prepare.normalized_k=1", "prepare.normalized_k: expected a finite number in [0, 1), got 1"),
     ("tracking.experiment_name=", "tracking.experiment_name: expected a non-empty string, got ''"),
 ])
 def test_out_of_range_option_is_one_line_naming_it(override, message):
@@ -182,3 +182,13 @@ def test_containers_name_the_failing_item():
         optional(list_of(number()))(["a"], "o")
     with pytest.raises(ConfigError, match=r"^h: expected an integer, got 'x'; try again$"):
         hinted(integer(), "try again")("x", "h")
+
+
+def test_params_yaml_states_exactly_the_defaults_of_config_py():
+    """Defaults live in config.py; params.yaml (what DVC tracks and users edit) restates them, never differs."""
+    from pathlib import Path
+
+    from graphtune.config import Params, load_params
+
+    repo = Path(__file__).resolve().parents[1]
+    assert load_params(repo / "params.yaml").as_dict() == Params().as_dict()

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from graphtune.data.synthetic import synthetic_bundle
+from graphtune.config import TrainConfig
 from graphtune.engine import FitResult, evaluate, fit
 from graphtune.errors import DataError, TrainingDiverged
 from graphtune.metrics import MetricAccumulator
@@ -88,18 +89,18 @@ def test_fit_is_deterministic_for_a_seed(bundle):
     runs = []
     for _ in range(2):
         model = _model(dropout=0.2)  # dropout makes the seed matter inside the model too
-        result = fit(model, bundle, epochs=3, lr=1e-2, batch_size=32, seed=7)
+        result = fit(model, bundle, TrainConfig(epochs=[3], lrs=[1e-2], batch_size=32), seed=7)
         runs.append((_metrics(result.history), model.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
-    other = fit(_model(dropout=0.2), bundle, epochs=3, lr=1e-2, batch_size=32, seed=8)
+    other = fit(_model(dropout=0.2), bundle, TrainConfig(epochs=[3], lrs=[1e-2], batch_size=32), seed=8)
     assert _metrics(other.history) != runs[0][0]  # the seed does change the run
 
 
 def test_trivial_model_learns(bundle):
     model = _model()
     before = evaluate(model, bundle, "test")["mae"]
-    result = fit(model, bundle, epochs=15, lr=3e-2, batch_size=32)
+    result = fit(model, bundle, TrainConfig(epochs=[15], lrs=[3e-2], batch_size=32), seed=0)
     after = evaluate(model, bundle, "test")["mae"]
     assert result.stopped_reason == "completed" and result.steps == 15 * 9  # 257 windows / 32 = 9 batches
     assert after < 0.5 * before
@@ -116,7 +117,7 @@ def test_best_on_validation_state_is_restored(bundle):
                 model.proj.weight.mul_(50.0)
 
     model = _model()
-    result = fit(model, bundle, epochs=4, lr=1e-3, batch_size=32, on_epoch_end=sabotage)
+    result = fit(model, bundle, TrainConfig(epochs=[4], lrs=[1e-3], batch_size=32), seed=0, on_epoch_end=sabotage)
     val_maes = [e["val_mae"] for e in result.history]
     assert result.best_epoch == 1 + val_maes.index(min(val_maes)) == 2
     assert result.best_val_mae == min(val_maes)
@@ -126,13 +127,13 @@ def test_best_on_validation_state_is_restored(bundle):
 
 def test_early_stopping_with_patience(bundle):
     # lr 0 and no weight decay: nothing changes, so validation never improves after epoch 1
-    result = fit(_model(), bundle, epochs=10, lr=0.0, weight_decay=0.0, patience=2)
+    result = fit(_model(), bundle, TrainConfig(epochs=[10], lrs=[0.0], weight_decay=0.0, early_stop_patience=2), seed=0)
     assert result.stopped_reason == "early_stopping"
     assert len(result.history) == 3 and result.best_epoch == 1
 
 
 def test_time_budget_stops_after_one_step(bundle):
-    result = fit(_model(), bundle, epochs=5, lr=1e-2, batch_size=8, time_budget_s=0.0)
+    result = fit(_model(), bundle, TrainConfig(epochs=[5], lrs=[1e-2], batch_size=8), seed=0, time_budget_s=0.0)
     assert result.stopped_reason == "time_budget"
     assert result.steps == 1 and len(result.history) == 1 and result.history[0]["steps"] == 1
     assert result.samples == 8  # one batch of 8 windows
@@ -140,14 +141,14 @@ def test_time_budget_stops_after_one_step(bundle):
 
 
 def test_max_steps_per_epoch(bundle):
-    result = fit(_model(), bundle, epochs=2, lr=1e-2, batch_size=8, max_steps_per_epoch=3)
+    result = fit(_model(), bundle, TrainConfig(epochs=[2], lrs=[1e-2], batch_size=8), seed=0, max_steps_per_epoch=3)
     assert [e["steps"] for e in result.history] == [3, 3] and result.steps == 6
 
 
 def test_few_shot_starts_subset_is_respected(bundle):
     subset = bundle.window_starts("train")[torch.tensor([3, 50, 51, 120, 200, 256])]
     model = RecordingModel()
-    result = fit(model, bundle, epochs=2, lr=1e-2, batch_size=4, train_starts=subset)
+    result = fit(model, bundle, TrainConfig(epochs=[2], lrs=[1e-2], batch_size=4), seed=0, train_starts=subset)
     assert result.steps == 4  # 6 windows in batches of 4 = 2 steps per epoch
     assert result.samples == 12  # (4 + 2) windows per epoch, 2 epochs
     seen = torch.cat(model.train_inputs)  # (12, T_in, N, C): each subset window once per epoch
@@ -161,7 +162,7 @@ def test_teacher_forcing_targets_are_scaled_and_only_in_training(bundle):
     start = 40
     holey.target[start + 12 + 4, 2] = math.nan  # target step 4 of node 2 of the one training window
     model = RecordingModel()
-    fit(model, holey, epochs=1, lr=1e-2, train_starts=torch.tensor([start]))
+    fit(model, holey, TrainConfig(epochs=[1], lrs=[1e-2]), seed=0, train_starts=torch.tensor([start]))
     (targets,) = model.train_targets  # (1, T_out, N)
     expected = holey.scaler.transform(bundle.target[start + 12 : start + 24])  # (T_out, N) scaled
     expected[4, 2] = 0.0  # missing -> 0, the scaled train mean, like missing inputs
@@ -175,7 +176,7 @@ def test_all_missing_labels_train_without_nan(bundle):
     holey.target[lo:hi] = math.nan  # no training label at all
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = fit(model, holey, epochs=2, lr=1e-2, weight_decay=0.0)
+    result = fit(model, holey, TrainConfig(epochs=[2], lrs=[1e-2], weight_decay=0.0), seed=0)
     assert [e["train_loss"] for e in result.history] == [0.0, 0.0]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # zero gradients: no update
 
@@ -186,7 +187,7 @@ def test_all_missing_validation_is_a_data_error_before_training(bundle):
     holey.target[lo:hi] = 0.0  # null value everywhere
     model = RecordingModel()
     with pytest.raises(DataError) as err:
-        fit(model, holey, epochs=2, lr=1e-2)
+        fit(model, holey, TrainConfig(epochs=[2], lrs=[1e-2]), seed=0)
     assert str(err.value) == ("synthetic-6: the val split has no observed readings (every label is missing or 0), "
                               "so no epoch can be validated; check the data or prepare.split")
     assert model.train_inputs == []  # nothing was trained
@@ -198,7 +199,7 @@ def test_one_observed_validation_label_is_enough(bundle):
     holey.target[lo:hi] = math.nan
     holey.target[hi - 1, 3] = 50.0  # the last target step of the last val window
     model = _model()
-    result = fit(model, holey, epochs=1, lr=1e-2)
+    result = fit(model, holey, TrainConfig(epochs=[1], lrs=[1e-2]), seed=0)
     assert math.isfinite(result.history[0]["val_mae"])
     assert result.history[0]["val_mae"] == evaluate(model, holey, "val")["mae"]  # one label, measured exactly
 
@@ -207,13 +208,13 @@ def test_split_without_validation_windows_is_a_data_error():
     short = synthetic_bundle(num_nodes=4, num_steps=160, seed=0)  # val = 16 steps < T_in + T_out = 24
     with pytest.raises(DataError, match=r"^synthetic-4: no validation windows \(the val split is shorter than "
                                         r"T_in \+ T_out = 24 steps\); give prepare.split a larger val share$"):
-        fit(_model(), short, epochs=1, lr=1e-2)
+        fit(_model(), short, TrainConfig(epochs=[1], lrs=[1e-2]), seed=0)
 
 
 def test_exploding_lr_stops_with_training_diverged(bundle):
     reported = []
     with pytest.raises(TrainingDiverged) as err:
-        fit(_model(), bundle, epochs=3, lr=1e30, clip_grad=None, batch_size=32,
+        fit(_model(), bundle, TrainConfig(epochs=[3], lrs=[1e30], batch_size=32, clip_grad=None), seed=0,
             on_epoch_end=lambda epoch, entry: reported.append(epoch))
     assert str(err.value) == ("synthetic-6: training diverged at epoch 1 (lr 1e+30): train loss nan, val MAE nan, "
                               "val RMSE nan; lower train.lrs or set train.clip_grad")
@@ -231,22 +232,22 @@ class FiniteInTrainingOnly(LinearOverTime):
 def test_non_finite_validation_alone_stops_the_fit(bundle):
     torch.manual_seed(0)
     with pytest.raises(TrainingDiverged) as err:
-        fit(FiniteInTrainingOnly(), bundle, epochs=2, lr=1e-2, batch_size=32)
+        fit(FiniteInTrainingOnly(), bundle, TrainConfig(epochs=[2], lrs=[1e-2], batch_size=32), seed=0)
     assert str(err.value) == ("synthetic-6: training diverged at epoch 1 (lr 0.01): val MAE inf, val RMSE inf; "
                               "lower train.lrs or lower train.clip_grad (now 5)")
 
 
 def test_samples_count_every_window_trained_on(bundle):
     starts = bundle.window_starts("train")[:100]
-    result = fit(_model(), bundle, epochs=3, lr=1e-2, batch_size=32, train_starts=starts)
+    result = fit(_model(), bundle, TrainConfig(epochs=[3], lrs=[1e-2], batch_size=32), seed=0, train_starts=starts)
     assert (result.steps, result.samples) == (3 * 4, 3 * 100)  # batches of 32, 32, 32, 4
-    capped = fit(_model(), bundle, epochs=3, lr=1e-2, batch_size=32, train_starts=starts, max_steps_per_epoch=2)
+    capped = fit(_model(), bundle, TrainConfig(epochs=[3], lrs=[1e-2], batch_size=32), seed=0, train_starts=starts, max_steps_per_epoch=2)
     assert (capped.steps, capped.samples) == (3 * 2, 3 * 64)
 
 
 def test_model_without_trainable_parameters_skips_training(bundle):
     model = Constant(0.5)
-    result = fit(model, bundle, epochs=3, lr=1e-2)
+    result = fit(model, bundle, TrainConfig(epochs=[3], lrs=[1e-2]), seed=0)
     assert isinstance(result, FitResult)
     assert (result.stopped_reason, result.steps, result.samples, result.best_epoch, result.history) == (
         "no_trainable_parameters", 0, 0, 0, [])
@@ -255,13 +256,13 @@ def test_model_without_trainable_parameters_skips_training(bundle):
 
 def test_empty_training_subset_is_a_data_error(bundle):
     with pytest.raises(DataError, match="no training windows"):
-        fit(_model(), bundle, epochs=1, lr=1e-2, train_starts=torch.empty(0, dtype=torch.long))
+        fit(_model(), bundle, TrainConfig(epochs=[1], lrs=[1e-2]), seed=0, train_starts=torch.empty(0, dtype=torch.long))
 
 
 def test_amp_path_runs_on_cpu_with_bfloat16(bundle):
     # CUDA is where amp turns on by itself; forcing it on CPU exercises the same autocast code path
     model = _model()
-    result = fit(model, bundle, epochs=3, lr=3e-2, batch_size=32, amp=True)
+    result = fit(model, bundle, TrainConfig(epochs=[3], lrs=[3e-2], batch_size=32, amp="on"), seed=0)
     assert all(math.isfinite(e["train_loss"]) for e in result.history)
     assert result.history[-1]["val_mae"] < result.history[0]["val_mae"]
     assert model.proj.weight.dtype == torch.float32  # autocast never changes the stored weights

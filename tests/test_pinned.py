@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from graphtune.config import ExperimentConfig, PrepareConfig, TrainConfig, TransferConfig
 from graphtune.data.prepare import prepare_dataset
-from graphtune.transfer.stages import CurveSettings, TrainSettings, run_experiment
+from graphtune.transfer.stages import run_experiment
 
 CASES = {"baseline": {}, "hypernet": {}, "dcrnn": {"hidden": 8},
          "gwnet": {"residual_channels": 4, "dilation_channels": 4, "skip_channels": 8, "end_channels": 8}}
@@ -34,15 +35,15 @@ PINNED = {
 
 @pytest.fixture(scope="module")
 def cities(repo_root):
-    return [prepare_dataset(c, root=repo_root, use_processed=False, stride=4) for c in ("metr-la-west", "metr-la-east")]
+    return [prepare_dataset(c, PrepareConfig(stride=4), root=repo_root, use_processed=False) for c in ("metr-la-west", "metr-la-east")]
 
 
 @pytest.mark.parametrize("case", sorted(PINNED))
 def test_strategies_keep_their_metrics(cities, case):
     model, strategy = case.split("/")
-    result = run_experiment(cities, model=model, model_kwargs=CASES[model], strategy=strategy,
-                            train=[TrainSettings(1, 0.003, batch_size=128), TrainSettings(1, 0.001, batch_size=128)],
-                            curve=CurveSettings(fractions=(0.3, 1.0), min_gain_rate=-1e9, min_rel_improve=-1e9))
+    result = run_experiment(cities, ExperimentConfig(model=model, model_kwargs=CASES[model], strategy=strategy),
+                            TrainConfig(epochs=[1], lrs=[0.003, 0.001], batch_size=128),
+                            TransferConfig(fractions=[0.3, 1.0], min_gain_rate=-1e9, min_rel_improve=-1e9))
     target = result.stages[-1]
     zero, curve, mae, trainable = PINNED[case]
     assert target.zero_rmse == (None if zero is None else pytest.approx(zero, rel=1e-4))

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import graphtune.data.prepare as prep
 from graphtune.cli import cli
+from graphtune.config import PrepareConfig
 from graphtune.data.prepare import FORMAT_VERSION, prepare_dataset, time_features, write_processed
 from graphtune.errors import ConfigError, DataError, DataNotice
 from graphtune.fileio import MANIFEST
@@ -70,14 +71,14 @@ def _digest(folder: Path) -> dict:
 
 
 def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
-    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    out = write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     first = _digest(out)
     assert set(first) == {"series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json", MANIFEST}
-    assert _digest(write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)) == first
+    assert _digest(write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)) == first
     meta = json.loads((out / "meta.json").read_text())
     assert meta["shape"] == [2016, 104] and meta["splits"]["val"] == [1411, 1613]
     assert meta["sources"]["series"]["sha256"].startswith("6b4e7959")
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     assert meta["arrays"] == {name: first[name] for name in ("adj.npy", "coords.npy", "series.npy", "time.npy")}
     assert json.loads((out / MANIFEST).read_text()) == {
         "files": ["adj.npy", "coords.npy", "meta.json", "series.npy", "time.npy"], "writer": "graphtune"}
@@ -86,11 +87,11 @@ def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
     calls = []
     real = prep._process
     monkeypatch.setattr(prep, "_process", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cached = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    cached = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert calls == []  # current processed folder: raw files not read
-    fresh = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path, use_processed=False)
+    fresh = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO, use_processed=False)
     np.testing.assert_array_equal(cached.values.numpy(), fresh.values.numpy())
-    prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path, split=(0.6, 0.2, 0.2))
+    prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path), split=[0.6, 0.2, 0.2]), root=REPO)
     assert len(calls) == 2  # other options -> stale -> read from raw
 
 
@@ -115,9 +116,9 @@ def _notices(record) -> list[str]:
 
 
 def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatch):
-    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    out = write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     good_files = _digest(out)
-    good = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    good = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     size = (out / "series.npy").stat().st_size
     series = np.load(out / "series.npy")
     np.save(out / "series.npy", series[::-1].copy())  # same shape, dtype and size; other bytes
@@ -125,7 +126,7 @@ def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatc
     assert _digest(out)["series.npy"] != good_files["series.npy"]
     calls = _spy_process(monkeypatch)
     with pytest.warns(DataNotice) as record:
-        rebuilt = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+        rebuilt = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert _notices(record) == [f"{out}/series.npy: contents differ from meta.json (changed after prepare); "
                                 f"rebuilt {out} from the raw files"]
     assert calls == [1]
@@ -135,7 +136,7 @@ def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatc
     assert not list(tmp_path.glob(".*"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataNotice)
-        again = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)  # verifies: no notice
+        again = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)  # verifies: no notice
     assert calls == [1]  # read from the processed folder, not from raw
     _assert_same_bundle(again, good)
 
@@ -146,7 +147,7 @@ def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatc
     ("remove series", "series.npy: missing (meta.json lists it)"),
 ])
 def test_missing_or_unlisted_arrays_are_rebuilt(tmp_path, damage, says):
-    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    out = write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     good_files = _digest(out)
     if damage == "remove coords":
         (out / "coords.npy").unlink()
@@ -157,14 +158,14 @@ def test_missing_or_unlisted_arrays_are_rebuilt(tmp_path, damage, says):
     else:
         (out / "series.npy").unlink()
     with pytest.warns(DataNotice) as record:
-        prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+        prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert _notices(record) == [f"{out}/{says}; rebuilt {out} from the raw files"]
     assert _digest(out) == good_files
 
 
 def test_rebuild_that_cannot_be_written_uses_the_arrays_in_memory(tmp_path, monkeypatch):
-    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
-    good = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+    out = write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
+    good = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     series = np.load(out / "series.npy")
     np.save(out / "series.npy", np.full_like(series, 7.0))
     damaged = (out / "series.npy").read_bytes()
@@ -174,7 +175,7 @@ def test_rebuild_that_cannot_be_written_uses_the_arrays_in_memory(tmp_path, monk
 
     monkeypatch.setattr(prep, "atomic_directory", read_only)
     with pytest.warns(DataNotice) as record:
-        rebuilt = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
+        rebuilt = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert _notices(record) == [
         f"{out}/series.npy: contents differ from meta.json (changed after prepare); rebuilt it from the raw "
         f"files for this run only; could not rewrite {out} (Read-only file system)"]
@@ -185,7 +186,7 @@ def test_rebuild_that_cannot_be_written_uses_the_arrays_in_memory(tmp_path, monk
 def test_format_1_folder_is_stale_silently_and_prepare_replaces_it(tmp_path, monkeypatch):
     """A folder written before array hashes existed (format 1, no manifest) is read from raw without a notice,
     and `prepare` replaces it (its files are the legacy names) with the current format."""
-    out = write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    out = write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     good_files = _digest(out)
     meta = json.loads((out / "meta.json").read_text())
     del meta["arrays"]
@@ -196,10 +197,10 @@ def test_format_1_folder_is_stale_silently_and_prepare_replaces_it(tmp_path, mon
     calls = _spy_process(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataNotice)
-        bundle = prepare_dataset("metr-la-east", root=REPO, processed_dir=tmp_path)
-    assert calls == [1] and bundle.meta["format_version"] == 2
+        bundle = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
+    assert calls == [1] and bundle.meta["format_version"] == 3
     assert _digest(out) == old_files  # stale is not damaged: the prepare stage rewrites it, not a reader
-    write_processed("metr-la-east", root=REPO, processed_dir=tmp_path)
+    write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert _digest(out) == good_files
 
 
@@ -384,13 +385,13 @@ def test_bad_skipped_steps_unless_filled(tmp_path):
 
 def test_bad_options():
     with pytest.raises(ConfigError, match="prepare.split"):
-        prepare_dataset("metr-la-week", root=REPO, split=(0.8, 0.3, 0.1))
+        prepare_dataset("metr-la-week", PrepareConfig(split=[0.8, 0.3, 0.1]), root=REPO)
     with pytest.raises(ConfigError, match="prepare.t_in"):
-        prepare_dataset("metr-la-week", root=REPO, t_in=0)
+        prepare_dataset("metr-la-week", PrepareConfig(t_in=0), root=REPO)
     with pytest.raises(ConfigError, match="data_source"):
-        prepare_dataset("metr-la-week", root=REPO, data_source="ftp")
+        prepare_dataset("metr-la-week", PrepareConfig(data_source="ftp"), root=REPO)
 
 
 def test_offline_auto_names_the_files(tmp_path):
     with pytest.raises(DataError, match="metr-la.h5"):
-        prepare_dataset("metr-la", root=tmp_path, data_source="local")
+        prepare_dataset("metr-la", PrepareConfig(data_source="local"), root=tmp_path)

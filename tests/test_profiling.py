@@ -110,11 +110,14 @@ def test_flop_counter_sees_the_graph_matmul_thop_misses():
 
 def test_profile_model_on_a_bundle():
     bundle = synthetic_bundle(num_nodes=6, num_steps=300, seed=0)
-    stats = profile_model(LinearOverTime(), bundle, batch_size=16)
+    stats = profile_model(LinearOverTime(), bundle, batch_size=16, thop=True)
     assert stats["batch_size"] == 16
     assert (stats["params_total"], stats["params_trainable"]) == (156, 156)
     assert stats["flops"] == 2 * 16 * 6 * 12 * 12 and stats["macs"] == 16 * 6 * 12 * 12
     assert stats["thop_macs"] == stats["macs"] and stats["thop_params"] == 156
+    # a training step: the forward, and in the backward the weight gradient (the input needs none)
+    assert stats["train_flops"] == 2 * stats["flops"]
+    assert profile_model(LinearOverTime(), bundle, batch_size=16)["thop_macs"] is None  # thop only when asked
 
 
 def test_resource_monitor_sees_a_200_mb_block_on_cpu():

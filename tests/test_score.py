@@ -3,9 +3,10 @@ import math
 import pytest
 
 from graphtune.errors import ConfigError
-from graphtune.transfer.score import ScoreWeights, StageInputs, budgets_from_config, score_experiment, transfer_auc
+from graphtune.config import BudgetConfig, ScoreConfig
+from graphtune.transfer.score import StageInputs, budgets_from_config, score_experiment, transfer_auc
 
-W = ScoreWeights()
+W = ScoreConfig()
 RENORM = (W.w_perf + W.w_transfer_auc + W.w_eff) / (W.w_perf + W.w_eff)  # 1.0 / 0.65 with the defaults
 
 
@@ -58,9 +59,9 @@ def test_two_stages_with_difficulty_weights():
     assert tra.stage_score == pytest.approx(0.45 + 0.35 * 0.25 + 0.20 * 0.25)
     assert (pre.difficulty_weight, tra.difficulty_weight) == (pytest.approx(0.25), pytest.approx(0.75))
     assert result.s_uep == pytest.approx(0.25 * 0.45 * 0.8 / 0.65 + 0.75 * 0.5875)
-    uniform = score_experiment([_pretrain(), _transfer()], ScoreWeights(alpha=0.0))
+    uniform = score_experiment([_pretrain(), _transfer()], ScoreConfig(alpha=0.0))
     assert [s.difficulty_weight for s in uniform.stages] == [0.5, 0.5]
-    squared = score_experiment([_pretrain(), _transfer()], ScoreWeights(alpha=2.0))
+    squared = score_experiment([_pretrain(), _transfer()], ScoreConfig(alpha=2.0))
     assert [s.difficulty_weight for s in squared.stages] == pytest.approx([0.1, 0.9])
 
 
@@ -78,9 +79,9 @@ def test_budgets_exceeded_are_penalised():
 
 
 def test_budgets_from_config_converts_units():
-    assert budgets_from_config(budget_mem_mb=512, budget_flops_g=2.0, budget_trainable_m=0.5) == {
+    assert budgets_from_config(BudgetConfig(mem_mb=512, flops_g=2.0, trainable_m=0.5)) == {
         "mem_mb": 512.0, "flops": 2e9, "trainable_params": 5e5}
-    assert budgets_from_config() == {}
+    assert budgets_from_config(BudgetConfig()) == {}
 
 
 def test_missing_usage_is_left_out_of_the_mean():
@@ -116,10 +117,10 @@ def test_to_dict_is_flat_enough_for_json():
 
 
 # ============================================================================ the comparable score
-from graphtune.transfer.score import (CostReferences, StageMeasures, comparable_score, cost_share,  # noqa: E402
+from graphtune.transfer.score import (StageMeasures, comparable_score, cost_references, cost_share,  # noqa: E402
                              skill, skill_auc)
 
-REFS = CostReferences()
+REFS = cost_references(ScoreConfig())  # 10 TFLOPs, 0.1 M, 1 MB, 1 GFLOP: params.yaml's
 
 
 def _target(**kw) -> StageMeasures:
@@ -152,10 +153,12 @@ def test_skill_auc_hand_computed():
 
 
 def test_cost_share_is_half_at_every_reference():
-    at_refs = _target(finetune_flops=REFS.finetune_flops, trainable_params=REFS.trainable_params,
-                      size_mb=REFS.size_mb, infer_flops=REFS.infer_flops)
-    assert cost_share(at_refs, REFS) == pytest.approx(0.5)
-    assert cost_share(_target(finetune_flops=0, trainable_params=0, size_mb=0, infer_flops=0), REFS) == 0.0
+    assert REFS == {"finetune_flops": 10e12, "trainable_params": 1e5, "size_mb": 1.0, "infer_flops": 1e9}
+    at_refs = _target(**REFS)
+    assert cost_share(at_refs) == pytest.approx(0.5)
+    assert cost_share(_target(finetune_flops=0, trainable_params=0, size_mb=0, infer_flops=0)) == 0.0
+    doubled = ScoreConfig(ref_finetune_tflops=20.0, ref_trainable_m=0.2, ref_size_mb=2.0, ref_infer_gflops=2.0)
+    assert cost_share(at_refs, doubled) == pytest.approx(1 / 3)
 
 
 def test_hand_computed_stage_score():
@@ -248,7 +251,9 @@ def test_difficulty_weights_mix_the_stages_of_one_run():
 
 
 def test_bad_references():
-    with pytest.raises(ConfigError, match="finetune_flops"):
-        CostReferences(finetune_flops=0.0)
+    from graphtune.config import validate_section
+
+    with pytest.raises(ConfigError, match=r"^score\.ref_finetune_tflops: expected a finite number > 0, got 0\.0$"):
+        validate_section("score", ScoreConfig(ref_finetune_tflops=0.0))
     with pytest.raises(ValueError, match="stage kind"):
         comparable_score([_target(kind="magic")])

@@ -7,9 +7,19 @@ import torch
 
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.errors import ConfigError
-from graphtune.transfer.stages import CurveSettings, Observer, TrainSettings, per_stage, prompt_steps, run_experiment
+from graphtune.config import BudgetConfig, ExperimentConfig, TrainConfig, TransferConfig, stage_value
+from graphtune.models import build_model
+from graphtune.transfer.stages import Observer, prompt_steps, run_experiment
 
-ONE = TrainSettings(epochs=1, lr=0.003, batch_size=64)
+ONE = TrainConfig(epochs=[1], lrs=[0.003], batch_size=64)
+GWNET_TINY = {"residual_channels": 4, "dilation_channels": 4, "skip_channels": 8, "end_channels": 8}
+
+
+def run(cities, model="baseline", *, kwargs=None, strategy="full", train=ONE, budgets=BudgetConfig(), observer=None,
+        **transfer):
+    """run_experiment with the params sections built from keyword arguments (transfer: TransferConfig's)."""
+    return run_experiment(list(cities), ExperimentConfig(model=model, model_kwargs=kwargs or {}, strategy=strategy),
+                          train, TransferConfig(**transfer), budgets=budgets, observer=observer)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,8 @@ class Recorder(Observer):
 
 
 def test_scheduler_stops_the_curve_and_records_saved_budget(cities):
-    curve = CurveSettings(fractions=(0.1, 0.3, 1.0), min_gain_rate=1e9, min_rel_improve=1e9, patience=0)
     rec = Recorder()
-    result = run_experiment(list(cities), model="baseline", train=[ONE, ONE], curve=curve, observer=rec)
+    result = run(cities, fractions=[0.1, 0.3, 1.0], min_gain_rate=1e9, min_rel_improve=1e9, patience=0, observer=rec)
     transfer = result.stages[1]
     assert [p["fraction"] for p in transfer.curve] == [0.1]  # the first step is flat -> stop
     assert transfer.stopped_reason == "budget_scheduler"
@@ -44,8 +53,7 @@ def test_scheduler_stops_the_curve_and_records_saved_budget(cities):
 
 
 def test_whole_curve_runs_when_gains_never_flatten(cities):
-    curve = CurveSettings(fractions=(0.2, 0.6), min_gain_rate=-1e9, min_rel_improve=-1e9)
-    result = run_experiment(list(cities), model="baseline", train=[ONE, ONE], curve=curve)
+    result = run(cities, fractions=[0.2, 0.6], min_gain_rate=-1e9, min_rel_improve=-1e9)
     t = result.stages[1]
     assert [p["fraction"] for p in t.curve] == [0.2, 0.6]
     assert [p["windows"] for p in t.curve] == [round(0.2 * cities[1].num_windows("train")),
@@ -55,18 +63,10 @@ def test_whole_curve_runs_when_gains_never_flatten(cities):
 
 
 def test_strategies_change_what_trains(cities):
-    curve = CurveSettings(fractions=(0.5,), min_gain_rate=-1e9, min_rel_improve=-1e9)
-    full = run_experiment(list(cities), model="gwnet", model_kwargs={"residual_channels": 4, "dilation_channels": 4,
-                                                                     "skip_channels": 8, "end_channels": 8},
-                          train=[ONE, ONE], curve=curve, strategy="full")
-    frozen = run_experiment(list(cities), model="gwnet", model_kwargs={"residual_channels": 4,
-                                                                       "dilation_channels": 4, "skip_channels": 8,
-                                                                       "end_channels": 8},
-                            train=[ONE, ONE], curve=curve, strategy="freeze-transferred")
-    scratch = run_experiment(list(cities), model="gwnet", model_kwargs={"residual_channels": 4,
-                                                                        "dilation_channels": 4, "skip_channels": 8,
-                                                                        "end_channels": 8},
-                             train=[ONE, ONE], curve=curve, strategy="scratch")
+    curve = {"fractions": [0.5], "min_gain_rate": -1e9, "min_rel_improve": -1e9}
+    full = run(cities, "gwnet", kwargs=GWNET_TINY, strategy="full", **curve)
+    frozen = run(cities, "gwnet", kwargs=GWNET_TINY, strategy="freeze-transferred", **curve)
+    scratch = run(cities, "gwnet", kwargs=GWNET_TINY, strategy="scratch", **curve)
     f, z = full.stages[1], frozen.stages[1]
     assert f.static_eff["params_trainable"] == f.static_eff["params_total"]
     node_params = 2 * 9 * 10  # the two adaptive-adjacency embeddings (N x node_emb_dim) re-created for city b
@@ -82,8 +82,8 @@ def test_strategies_change_what_trains(cities):
 
 
 def test_time_budget_is_enforced(cities):
-    result = run_experiment(list(cities), model="baseline", train=[TrainSettings(epochs=50, lr=0.003)] * 2,
-                            curve=CurveSettings(fractions=(0.5, 1.0)), enforce_time_s=1e-6)
+    result = run(cities, train=TrainConfig(epochs=[50], lrs=[0.003]), fractions=[0.5, 1.0],
+                 budgets=BudgetConfig(time_sec=1e-6, enforce=True))
     assert result.stages[0].stopped_reason == "time_budget"
     assert len(result.stages[0].history) == 1  # stopped after the first step's epoch
     assert result.stages[1].stopped_reason == "time_budget"
@@ -96,21 +96,23 @@ def test_transferred_seq2seq_model_finetunes_free_running(cities, monkeypatch):
     real_fit = stages.fit
     monkeypatch.setattr(stages, "fit", lambda model, *a, **k: seen.append(getattr(model, "batches_seen", None))
                         or real_fit(model, *a, **k))
-    run_experiment(list(cities), model="dcrnn", model_kwargs={"hidden": 4}, train=[ONE, ONE],
-                   curve=CurveSettings(fractions=(0.1,)))
+    run(cities, "dcrnn", kwargs={"hidden": 4}, fractions=[0.1])
     assert seen[0] == 0 and seen[1] >= 10**9  # pretraining starts the curriculum; fine-tuning is past it
 
 
 def test_per_stage_lists():
-    assert per_stage([5], 3, "train.epochs") == [5, 5, 5]
-    assert per_stage([1, 2], 2, "train.epochs") == [1, 2]
-    with pytest.raises(ConfigError, match="train.epochs: expected one value or one per stage"):
-        per_stage([1, 2, 3], 2, "train.epochs")
+    assert [stage_value([5], k, 3, "train.epochs") for k in range(3)] == [5, 5, 5]
+    assert [stage_value([1, 2], k, 2, "train.epochs") for k in range(2)] == [1, 2]
+    # two values are [pretraining, every transfer stage], whatever the number of stages
+    assert [stage_value([6, 3], k, 4, "train.epochs") for k in range(4)] == [6, 3, 3, 3]
+    assert [stage_value([6, 3, 2, 1], k, 4, "train.epochs") for k in range(4)] == [6, 3, 2, 1]
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected one value, two \(\[pretraining, transfer stages\]\) or one per stage \(2 stages\), got 3"):
+        stage_value([1, 2, 3], 0, 2, "train.epochs")
 
 
 def test_deterministic_on_cpu(cities):
-    a = run_experiment(list(cities), model="baseline", train=[ONE, ONE], curve=CurveSettings(fractions=(0.3,)))
-    b = run_experiment(list(cities), model="baseline", train=[ONE, ONE], curve=CurveSettings(fractions=(0.3,)))
+    a = run(cities, fractions=[0.3])
+    b = run(cities, fractions=[0.3])
     assert [s.test for s in a.stages] == [s.test for s in b.stages]
     assert torch.equal(torch.tensor(a.stages[1].curve[0]["test_rmse"]), torch.tensor(b.stages[1].curve[0]["test_rmse"]))
 
@@ -150,14 +152,13 @@ def test_each_point_sees_only_its_budget(cities, model):
     from graphtune.transfer.budget import sample_windows
 
     source, target = cities
-    curve = CurveSettings(fractions=(0.2,), min_gain_rate=-1e9, min_rel_improve=-1e9)
     starts = sample_windows(target.window_starts("train"), 0.2, "subset", 0)
     hidden = ~target.visible_train_steps(starts)
     assert 0 < int(hidden.sum()) < hidden.numel()
     runs = []
     for city in (target, _tampered(target, hidden)):
         capture = _Capture()
-        result = run_experiment([source, city], model=model, train=[ONE, ONE], curve=curve, observer=capture)
+        result = run([source, city], model, fractions=[0.2], min_gain_rate=-1e9, min_rel_improve=-1e9, observer=capture)
         runs.append((result.stages[1], capture))
     (a, cap_a), (b, cap_b) = runs
     assert a.zero_shot_test == b.zero_shot_test and a.zero_shot_val == b.zero_shot_val
@@ -183,17 +184,16 @@ def test_the_prompt_window_is_what_zero_shot_may_read(cities):
     assert steps == round(0.5 * 1440 / target.interval_minutes)
     window = torch.zeros(hi - lo, dtype=torch.bool)
     window[hi - lo - steps:] = True
-    curve = CurveSettings(fractions=(0.2,), prompt_days=0.5)
 
     def zero_shot(city):
-        return run_experiment([source, city], model="hypernet", train=[ONE, ONE], curve=curve).stages[1]
+        return run([source, city], "hypernet", fractions=[0.2], prompt_days=0.5).stages[1]
 
     base = zero_shot(target)
     assert base.zero_shot_data["steps"] == steps and base.zero_shot_data["readings"] > 0
     assert zero_shot(_tampered(target, ~window)).zero_shot_test == base.zero_shot_test  # outside: unseen
     assert zero_shot(_tampered(target, window)).zero_shot_test != base.zero_shot_test  # inside: read
     # scratch declares no prompt window: it reads nothing at zero-shot, and has no zero-shot point
-    scratch = run_experiment([source, target], model="hypernet", strategy="scratch", train=[ONE, ONE], curve=curve)
+    scratch = run([source, target], "hypernet", strategy="scratch", fractions=[0.2], prompt_days=0.5)
     assert scratch.stages[0].curve[0]["data"]["prompt_steps"] == 0
 
 
@@ -202,8 +202,7 @@ def test_zero_shot_uses_the_source_scaler_and_points_refit_their_own(cities):
 
     source, target = cities
     capture = _Capture()
-    result = run_experiment([source, target], model="baseline", train=[ONE, ONE],
-                            curve=CurveSettings(fractions=(0.2,)), observer=capture)
+    result = run([source, target], fractions=[0.2], observer=capture)
     assert result.stages[1].zero_shot_data["scaler"] == "source"
     assert capture.points[0.2]["data"]["scaler"] == "visible readings"
     view = target.restrict(sample_windows(target.window_starts("train"), 0.2, "subset", 0))
@@ -211,3 +210,38 @@ def test_zero_shot_uses_the_source_scaler_and_points_refit_their_own(cities):
     seen = view.target[lo:hi]
     assert view.scaler.mean == pytest.approx(float(seen[~torch.isnan(seen)].double().mean()))
     assert view.scaler != target.scaler
+
+
+def test_a_strategy_is_one_class_that_registers_itself(cities):
+    """A new strategy is one class registered by name; the stage loop (and planning) look it up unchanged."""
+    from graphtune.transfer.state import load_partial_state
+    from graphtune.transfer.strategies import STRATEGIES, Adapted, Strategy, register_strategy, report_for
+
+    seen = []
+
+    @register_strategy("bias-only-test")
+    class BiasOnly(Strategy):
+        """BitFit: load the source, then fine-tune only the biases."""
+
+        def adapt(self, ctx):
+            seen.append((ctx.fraction, ctx.target.data_used["windows"], [s.city for s in ctx.sources]))
+            model = ctx.build()
+            transfer = load_partial_state(model, ctx.source.state, same_nodes=ctx.same_nodes)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.endswith("bias"))
+            return Adapted(model, report_for(model, ctx, transfer))
+
+    try:
+        result = run(cities, strategy="bias-only-test", fractions=[0.2], min_gain_rate=-1e9, min_rel_improve=-1e9)
+    finally:
+        STRATEGIES.unregister("bias-only-test")
+    source, target = cities
+    windows = round(0.2 * target.num_windows("train"))
+    assert seen == [(0.0, 0, ["a"]), (0.2, windows, ["a"])]  # the zero-shot point, then the budget point
+    stage = result.stages[1]
+    model = build_model("baseline", target)
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert stage.static_eff["params_trainable"] == biases < stage.static_eff["params_total"]
+    assert stage.transfer["transferred"] and stage.transfer["trainable_share"] == pytest.approx(
+        biases / stage.static_eff["params_total"])
+    assert "bias-only-test" not in STRATEGIES

@@ -17,7 +17,6 @@ import yaml
 from graphtune.checks import (
     Check, boolean, choice, hinted, integer, list_of, mapping, number, optional, per_stage, text,
 )
-from graphtune.data.prepare import PrepareOptions
 from graphtune.errors import ConfigError
 
 
@@ -28,19 +27,14 @@ def option(default, check: Check):
     return field(default=default, metadata={"check": check})
 
 
-class _PrepareRule(Check):
-    """A prepare option whose range rule lives in PrepareOptions (one place): the type is checked here,
-    then PrepareOptions raises its own one-line ConfigError naming `prepare.<key>`."""
+class _SplitShares(Check):
+    """Three positive shares of the time steps that sum to 1 (chronological train / val / test)."""
 
-    def __init__(self, key: str, type_check: Check, description: str):
-        self.key, self.type_check, self.description = key, type_check, description
+    description = "three positive fractions summing to 1"
 
     def accepts(self, value) -> bool:
-        return self.type_check.accepts(value)
-
-    def check_items(self, value, option: str) -> None:
-        self.type_check.check_items(value, option)
-        PrepareOptions(**{self.key: tuple(value) if isinstance(value, list) else value})
+        return (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(number(min=0, min_open=True).accepts(v) for v in value) and abs(sum(value) - 1.0) <= 1e-6)
 
 
 POSITIVE = number(min=0, min_open=True)
@@ -58,22 +52,13 @@ class PrepareConfig:
     data_source: str = option("local", choice("local", "url", "hf", "auto"))
     cache_dir: str = option("data/raw/.cache", text(nonempty=True))  # downloads land here, verified by sha256
     url_overrides: dict = option({}, mapping())  # file name -> URL that replaces the registered one
-    # chronological, the DCRNN protocol
-    split: list[float] = option([0.7, 0.1, 0.2], _PrepareRule("split", list_of(number(), min_len=0),
-                                                               "three positive fractions summing to 1"))
-    # DCRNN's Gaussian-kernel threshold for distance/coordinate graphs
-    normalized_k: float = option(0.1, _PrepareRule("normalized_k", number(), "a value in [0, 1)"))
+    split: list[float] = option([0.7, 0.1, 0.2], _SplitShares())  # chronological train/val/test, the DCRNN protocol
+    # DCRNN's Gaussian-kernel threshold for distance/coordinate graphs: weights below it become 0 (sparse graph)
+    normalized_k: float = option(0.1, number(min=0, max=1, max_open=True))
     t_in: int = option(12, integer(min=1))  # 12 x 5 min = 1 h of history (DCRNN/GWNet protocol)
     t_out: int = option(12, integer(min=1))  # 12 x 5 min = 1 h ahead
     stride: int = option(1, integer(min=1))  # every window for training; >1 thins training windows on long series
 
-    def dataset_kwargs(self) -> dict:
-        """Keyword arguments for prepare_dataset / write_processed."""
-        return {
-            "processed_dir": self.processed_dir, "data_source": self.data_source, "cache_dir": self.cache_dir,
-            "url_overrides": self.url_overrides, "split": tuple(self.split), "normalized_k": self.normalized_k,
-            "t_in": self.t_in, "t_out": self.t_out, "stride": self.stride,
-        }
 
 
 @dataclass
@@ -82,7 +67,8 @@ class ExperimentConfig:
 
     # stage 0 = source, later cities are targets
     datasets: list[str] = option(["metr-la-west", "metr-la-east"], list_of(text(nonempty=True)))
-    model: str = option("gwnet", text(nonempty=True))  # a registered model name (graphtune models)
+    # a registered model name (graphtune models); hypernet: 100% of its weights transfer, fast on CPU
+    model: str = option("hypernet", text(nonempty=True))
     # overrides of the model's builder defaults; names and ranges are checked by check_model_kwargs
     model_kwargs: dict = option({}, mapping())
     strategy: str = option("full", text(nonempty=True))  # full | freeze-transferred | scratch (transfer.strategies)
@@ -107,6 +93,28 @@ class TrainConfig:
     # epochs without val improvement before stopping; 0 = never stop early
     early_stop_patience: int = option(0, integer(min=0))
     amp: str = option("auto", choice("auto", "on", "off"))  # auto = mixed precision on CUDA only; on | off
+
+    def epochs_at(self, stage: int, n_stages: int) -> int:
+        """Epochs of stage `stage` (0 = pretraining) in a run of `n_stages` stages (see `stage_value`)."""
+        return stage_value(self.epochs, stage, n_stages, "train.epochs")
+
+    def lr_at(self, stage: int, n_stages: int) -> float:
+        return float(stage_value(self.lrs, stage, n_stages, "train.lrs"))
+
+    def check_stages(self, stages: range | list[int], n_stages: int) -> None:
+        """ConfigError (naming the option) unless the per-stage lists have an entry for each of `stages`."""
+        for stage in stages:
+            self.epochs_at(stage, n_stages), self.lr_at(stage, n_stages)
+
+    @property
+    def patience(self) -> int | None:
+        """Early-stopping patience for `fit`: None = never stop early."""
+        return self.early_stop_patience or None
+
+    @property
+    def amp_enabled(self) -> bool | None:
+        """Mixed precision for `fit`: None = on for CUDA only."""
+        return {"auto": None, "on": True, "off": False}[self.amp]
 
 
 @dataclass
@@ -174,6 +182,24 @@ class CompareConfig:
     # an MLflow search filter, e.g. "tags.`graphtune.datasets` = 'metr-la-west,metr-la-east'"; empty = none
     filter: str = option("", text())
     output_dir: str = option("outputs/compare", text(nonempty=True))  # leaderboard CSV, Markdown, PNG
+
+
+def stage_value(values, stage: int, n_stages: int, option: str):
+    """The entry of a per-stage list (train.epochs, train.lrs) for `stage` of a run with `n_stages` stages.
+
+    Stage 0 is the pretraining; stages 1.. are the transfer targets, also in a fine-tuning run whose
+    pretraining happened in another run. One value applies to every stage; two are [pretraining, every
+    transfer stage]; otherwise the list must have one value per stage.
+    """
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        return values[0]
+    if len(values) == n_stages:
+        return values[stage]
+    if len(values) == 2:
+        return values[0] if stage == 0 else values[1]
+    raise ConfigError(f"{option}: expected one value, two ([pretraining, transfer stages]) or one per stage "
+                      f"({n_stages} stages), got {len(values)}")
 
 
 SECTIONS: dict[str, type] = {

@@ -17,9 +17,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from graphtune.config import TrainConfig
 from graphtune.data.bundle import DatasetBundle
 from graphtune.errors import DataError, TrainingDiverged
 from graphtune.metrics import MetricAccumulator, masked_mae_loss, valid_mask
+
+
+EVAL_BATCH = TrainConfig().batch_size  # evaluation's default batch: memory only, never the metrics
 
 
 @dataclass
@@ -29,7 +33,9 @@ class FitResult:
     best_state: dict  # state_dict copy of the best-on-validation epoch (tensors on the training device)
     best_epoch: int  # 1-based; 0 when nothing was trained
     history: list[dict] = field(default_factory=list)  # one dict per epoch, see `fit`
-    train_time_s: float = 0.0  # wall time of the whole fit, validation included (synchronized on CUDA)
+    train_time_s: float = 0.0  # time in training steps only (synchronized on CUDA at epoch ends)
+    val_time_s: float = 0.0  # time in the per-epoch validations
+    fit_time_s: float = 0.0  # wall time of the whole fit: steps, validations, checkpoint copies
     stopped_reason: str = "completed"  # completed | early_stopping | time_budget | no_trainable_parameters
     steps: int = 0  # optimizer steps taken in total
     samples: int = 0  # training windows processed in total (the batch sizes of all steps summed)
@@ -40,12 +46,13 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bundle: DatasetBundle, split: str, *, batch_size: int = 64, device="cpu",
+def evaluate(model: nn.Module, bundle: DatasetBundle, split: str, *, batch_size: int = EVAL_BATCH, device="cpu",
              starts: torch.Tensor | None = None) -> dict[str, float]:
     """Masked metrics of `model` on `split` (or on the windows `starts`), in raw units.
 
     Returns MetricAccumulator.compute(): mae, rmse, mape (percent), and the same at horizons 3/6/12.
-    The model is moved to `device`; its train/eval mode is restored afterwards.
+    The model is moved to `device`; its train/eval mode is restored afterwards. The batch size changes
+    memory, not the metrics.
     """
     was_training = model.training
     model.to(device).eval()
@@ -57,28 +64,24 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, split: str, *, batch_size:
     return acc.compute()
 
 
-def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
-        weight_decay: float = 1e-4,  # Graph WaveNet's setting; mild regularisation for every model
-        batch_size: int = 64,  # the DCRNN/GWNet protocol
-        clip_grad: float | None = 5.0,  # GWNet/DCRNN clip norm; keeps recurrent models stable
-        seed: int = 0, device="cpu",
-        train_starts: torch.Tensor | None = None, max_steps_per_epoch: int | None = None,
-        patience: int | None = None, time_budget_s: float | None = None, amp: bool | None = None,
-        progress: bool | None = None,
+def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: int = 0, n_stages: int = 1,
+        seed: int, device="cpu", train_starts: torch.Tensor | None = None,
+        max_steps_per_epoch: int | None = None, time_budget_s: float | None = None, progress: bool | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
     """Train with Adam on the masked MAE (raw units) and keep the best-on-validation weights.
 
+    - train: the params.yaml `train:` section, passed whole: epochs and lr of `stage` in a run of
+      `n_stages` stages (TrainConfig.epochs_at / lr_at), batch_size, weight_decay, clip_grad,
+      early_stop_patience (epochs without a lower validation MAE before stopping; 0 = never), amp.
     - train_starts: train only on these window starts (few-shot subset); default every train window.
     - max_steps_per_epoch: cap optimizer steps per epoch (budgeted fine-tuning).
-    - patience: stop after this many epochs without a lower validation MAE.
     - time_budget_s: stop once the fit has run this long; checked after every step (against the host
       clock, without a CUDA sync) and after every validation, so the overrun is at most about one step
       plus the validation of the interrupted epoch.
-    - amp: mixed precision (bfloat16 autocast, or float16 with a gradient scaler where the GPU lacks
-      bfloat16); None = on for CUDA only.
     - progress: tqdm bar over steps; None = only when stderr is a terminal.
     - on_epoch_end(epoch, entry): called with each history entry: epoch (1-based), train_loss
-      (mean batch loss), val_mae, val_rmse, epoch_time_s (train + validation), val_time_s, steps.
+      (mean batch loss), val_mae, val_rmse, train_time_s (the epoch's steps), val_time_s, epoch_time_s
+      (both), steps.
 
     Raises TrainingDiverged when, at the end of an epoch, the mean train loss or the val MAE/RMSE is NaN
     or inf (checked once per epoch, where validation synchronizes anyway; the steps stay sync-free), and
@@ -86,15 +89,15 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
 
     Same seed, same data, same device (CPU) -> identical history.
     """
+    epochs, lr = train.epochs_at(stage, n_stages), train.lr_at(stage, n_stages)
     torch.manual_seed(seed)  # dropout and any sampling inside the model
     device = torch.device(device)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:  # e.g. the historical average: nothing to optimize
+    fit_start = _clock(device)
+    if not any(p.requires_grad for p in model.parameters()):  # e.g. the historical average: nothing to optimize
         return FitResult(best_state=_copy_state(model), best_epoch=0, stopped_reason="no_trainable_parameters")
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    step_fn = _TrainStep(model, bundle, optimizer, device, clip_grad, amp)
-    loader = bundle.loader("train", batch_size=batch_size, shuffle=True, seed=seed, starts=train_starts)
+    step_fn = TrainStep.for_config(model, bundle, train, device, lr=lr)
+    loader = bundle.loader("train", batch_size=train.batch_size, shuffle=True, seed=seed, starts=train_starts)
     if loader.num_samples == 0:
         raise DataError(f"{bundle.name}: no training windows to fit on (train split shorter than "
                         f"T_in + T_out = {bundle.t_in + bundle.t_out} steps, or empty train_starts)")
@@ -102,7 +105,7 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
     steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
     bar = tqdm(total=epochs * steps_per_epoch, disable=not _show_progress(progress), unit="step", leave=False)
     result = FitResult(best_state=_copy_state(model), best_epoch=0)
-    start, best_key, stale = _clock(device), math.inf, 0
+    best_key, stale = math.inf, 0
     try:
         for epoch in range(1, epochs + 1):
             epoch_start = _clock(device)
@@ -111,18 +114,20 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
                 losses.append(step_fn(x, y))
                 result.samples += x.shape[0]  # a host-side shape: no sync
                 bar.update(1)
-                over_time = time_budget_s is not None and time.perf_counter() - start > time_budget_s
+                over_time = time_budget_s is not None and time.perf_counter() - fit_start > time_budget_s
                 if len(losses) >= steps_per_epoch or over_time:
                     break
             val_start = _clock(device)
-            val = evaluate(model, bundle, "val", batch_size=batch_size, device=device)
+            val = evaluate(model, bundle, "val", batch_size=train.batch_size, device=device)
             now = _clock(device)
             entry = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), "val_mae": val["mae"],
-                     "val_rmse": val["rmse"], "epoch_time_s": now - epoch_start, "val_time_s": now - val_start,
-                     "steps": len(losses)}
-            _require_finite(entry, bundle.name, lr, clip_grad)
+                     "val_rmse": val["rmse"], "train_time_s": val_start - epoch_start, "val_time_s": now - val_start,
+                     "epoch_time_s": now - epoch_start, "steps": len(losses)}
+            _require_finite(entry, bundle.name, lr, train.clip_grad)
             result.history.append(entry)
             result.steps += len(losses)
+            result.train_time_s += entry["train_time_s"]
+            result.val_time_s += entry["val_time_s"]
             bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
             if result.best_epoch == 0 or val["mae"] < best_key:
                 result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, val["mae"], 0
@@ -130,22 +135,36 @@ def fit(model: nn.Module, bundle: DatasetBundle, *, epochs: int, lr: float,
                 stale += 1
             if on_epoch_end is not None:
                 on_epoch_end(epoch, entry)
-            if time_budget_s is not None and now - start > time_budget_s:
+            if time_budget_s is not None and now - fit_start > time_budget_s:
                 result.stopped_reason = "time_budget"
                 break
-            if patience is not None and stale >= patience:
+            if train.patience is not None and stale >= train.patience:
                 result.stopped_reason = "early_stopping"
                 break
     finally:
         bar.close()
     model.load_state_dict(result.best_state)
-    result.train_time_s = _clock(device) - start
+    result.fit_time_s = _clock(device) - fit_start
     return result
 
 
-class _TrainStep:
+class TrainStep:
     """One optimizer step: forward (with teacher-forcing targets if the model takes them), masked MAE
-    on inverse-scaled predictions, backward, clip, step. Returns the detached loss (no host sync)."""
+    on inverse-scaled predictions, backward, clip, step. Returns the detached loss (no host sync).
+
+    `fit` runs it, and the benchmarks time it: the code users run is the code measured.
+    """
+
+    @classmethod
+    def for_config(cls, model: nn.Module, bundle: DatasetBundle, train: TrainConfig, device, *,
+                   lr: float | None = None) -> "TrainStep":
+        """The step `fit` takes: Adam over the trainable parameters with train's weight decay, clipping and
+        AMP; `lr` defaults to the first stage's."""
+        device = torch.device(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = train.lr_at(0, 1) if lr is None else lr
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=train.weight_decay)
+        return cls(model, bundle, optimizer, device, train.clip_grad, train.amp_enabled)
 
     def __init__(self, model: nn.Module, bundle: DatasetBundle, optimizer: torch.optim.Optimizer,
                  device: torch.device, clip_grad: float | None, amp: bool | None):

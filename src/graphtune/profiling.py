@@ -45,6 +45,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphtune.data.bundle import DatasetBundle
+from graphtune.engine import EVAL_BATCH
 from graphtune.errors import DataError
 from graphtune.metrics import valid_mask
 
@@ -137,14 +138,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = 64) -> dict:
+def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = EVAL_BATCH, *, thop: bool = False) -> dict:
     """Static cost of `model` on `bundle`: parameters, size and forward FLOPs/MACs per batch.
 
     The batch is the first `batch_size` training windows (x of shape (B, T_in, N, C)), or validation
     windows when the bundle allows none for training (a zero-shot view). Keys: params_total,
     params_trainable, size_mb, batch_size, flops, macs (FlopCounterMode, per batch), train_flops (one
     training step's forward + backward, per batch, see `count_train_flops`), thop_macs, thop_params
-    (None without thop).
+    (the thop cross-check, only with `thop=True`: it deep-copies the model; None otherwise or without thop).
     """
     for split in ("train", "val", "test"):
         starts = bundle.window_starts(split)[:batch_size]
@@ -157,7 +158,7 @@ def profile_model(model: nn.Module, bundle: DatasetBundle, batch_size: int = 64)
     params = count_parameters(model)
     flops = count_flops(model, (x,))
     train_flops = count_train_flops(model, (x,))
-    thop_result = thop_flops(model, (x,)) or {"macs": None, "params": None}
+    thop_result = (thop_flops(model, (x,)) if thop else None) or {"macs": None, "params": None}
     return {
         "params_total": params["total"],
         "params_trainable": params["trainable"],
@@ -302,8 +303,8 @@ def graph_difficulty(bundle: DatasetBundle) -> dict:
     return {"difficulty_proxy": difficulty_proxy(bundle.adj), "difficulty_ha": ha_difficulty(bundle)}
 
 
-def profile_models(bundle: DatasetBundle, target: DatasetBundle | None = None, names=None, batch_size: int = 64,
-                   seed: int = 0) -> list[dict]:
+def profile_models(bundle: DatasetBundle, target: DatasetBundle | None = None, names=None,
+                   batch_size: int = EVAL_BATCH, seed: int = 0) -> list[dict]:
     """Build every registered model (or `names`) for `bundle`: parameters, FLOPs per batch, thop cross-check,
     and the share of parameters that `load_partial_state` transfers to the same model built for `target`."""
     from graphtune.models import build_model, list_models
@@ -313,7 +314,7 @@ def profile_models(bundle: DatasetBundle, target: DatasetBundle | None = None, n
     for name in names or list_models():
         torch.manual_seed(seed)
         model = build_model(name, bundle)
-        prof = profile_model(model, bundle, batch_size=batch_size)
+        prof = profile_model(model, bundle, batch_size=batch_size, thop=True)
         row = {"model": name, **prof}
         if target is not None:
             other = build_model(name, target)

@@ -188,3 +188,31 @@ def get_city(name: str, extra: dict | None = None) -> CitySpec:
 
 def list_cities(extra: dict | None = None) -> list[str]:
     return sorted(set(REGISTERED) | set(extra or {}))
+
+
+def city_table(extra: dict | None = None, processed_dir: str = "data/processed", root: str = ".") -> list[dict]:
+    """One row per city for `graphtune cities`: name, shape, interval, description.
+
+    Shape and interval come from the city's fact block, else from its processed meta.json once `prepare`
+    has run; "?" when neither knows. A bad user entry raises ConfigError naming it.
+    """
+    import json
+    from pathlib import Path
+
+    rows = []
+    for name in list_cities(extra):
+        spec = get_city(name, extra)
+        facts = dict(spec.facts)
+        meta_path = Path(root, processed_dir, name, "meta.json")
+        if ("shape" not in facts or "interval_minutes" not in facts) and meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                facts.setdefault("shape", meta.get("shape"))
+                facts.setdefault("interval_minutes", meta.get("interval_minutes"))
+            except (OSError, ValueError):
+                pass  # an unreadable record only leaves the listing with "?"
+        shape = "x".join(map(str, facts.get("shape") or [])) or "?"
+        minutes = facts.get("interval_minutes") or spec.interval_minutes
+        rows.append({"name": name, "shape": shape, "interval": f"{minutes:g} min" if minutes else "? min",
+                     "description": spec.description})
+    return rows

@@ -38,34 +38,17 @@ from graphtune.data.bundle import DatasetBundle, Scaler
 from graphtune.data.cities import CitySpec, get_city
 from graphtune.data.fetch import resolve_file, sha256_file
 from graphtune.data.loaders import align, coordinates_to_adjacency, read_graph, read_locations, read_series
+from graphtune.config import PrepareConfig, validate_section
 from graphtune.errors import ConfigError, DataError, DataNotice, OutputError
 from graphtune.fileio import atomic_directory
 
 # Bump when the processed layout or its semantics change: old folders are then stale and read from raw.
 # 2: meta.json records the sha256 of every array file ("arrays"), and reading verifies them.
-FORMAT_VERSION = 2
+# 3: the options record the city entry's reading options (null value, series options, sub-city, ...).
+FORMAT_VERSION = 3
 ARRAY_FILES = ("adj.npy", "coords.npy", "series.npy", "time.npy")
 REQUIRED_ARRAYS = ("adj.npy", "series.npy", "time.npy")  # coords.npy is absent when a city has no locations
 PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
-
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """Options that change the processed arrays (they are recorded in meta.json and checked for staleness)."""
-
-    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # chronological train/val/test, the DCRNN protocol
-    normalized_k: float = 0.1  # DCRNN's kernel threshold: weights below it become 0 (sparse graph)
-
-    def __post_init__(self):
-        split = tuple(float(s) for s in self.split)
-        if len(split) != 3 or any(s <= 0 for s in split) or abs(sum(split) - 1.0) > 1e-6:
-            raise ConfigError(f"prepare.split: expected three positive fractions summing to 1, got {list(self.split)}")
-        object.__setattr__(self, "split", split)
-        if not 0 <= self.normalized_k < 1:
-            raise ConfigError(f"prepare.normalized_k: expected a value in [0, 1), got {self.normalized_k}")
-
-    def to_dict(self) -> dict:
-        return {"split": list(self.split), "normalized_k": self.normalized_k, "format_version": FORMAT_VERSION}
 
 
 @dataclass
@@ -80,34 +63,21 @@ class _Arrays:
 
 
 # ----------------------------------------------------------------------------- public API
-def prepare_dataset(
-    city: str,
-    *,
-    root: str | Path = ".",
-    processed_dir: str | Path = "data/processed",
-    cities: dict | None = None,
-    data_source: str = "local",
-    cache_dir: str | Path = "data/raw/.cache",
-    url_overrides: dict | None = None,
-    split=(0.7, 0.1, 0.2),
-    normalized_k: float = 0.1,
-    t_in: int = 12,
-    t_out: int = 12,
-    stride: int = 1,
-    use_processed: bool = True,
-) -> DatasetBundle:
-    """Load city `city` as a DatasetBundle (from `processed_dir` when current, else from its raw files).
+def prepare_dataset(city: str, prepare: PrepareConfig | None = None, *, root: str | Path = ".",
+                    cities: dict | None = None, use_processed: bool = True) -> DatasetBundle:
+    """Load city `city` as a DatasetBundle (from `prepare.processed_dir` when current, else from its raw files).
 
-    `cities` holds user city entries (params.yaml `cities:`); `data_source` is local | url | hf | auto;
-    `url_overrides` maps a file name to a URL that replaces the registered one.
+    `prepare` is the params.yaml `prepare:` section (None = its defaults): processed_dir, data_source
+    (local | url | hf | auto), cache_dir, url_overrides, split, normalized_k, t_in, t_out, stride.
+    `cities` holds user city entries (params.yaml `cities:`).
 
     A processed folder whose arrays no longer match its meta.json is rebuilt from the raw files and
     rewritten, with one DataNotice naming the file; where it cannot be rewritten (a read-only checkout,
     foreign files in it) this run uses the rebuilt arrays and the notice says so.
     """
-    spec, paths, sources, options = _inputs(city, root, cities, data_source, cache_dir, url_overrides, split,
-                                            normalized_k, t_in, t_out, stride)
-    out = Path(root, processed_dir, spec.name)
+    prepare = _checked(prepare)
+    spec, paths, sources, options = _inputs(city, root, cities, prepare)
+    out = Path(root, prepare.processed_dir, spec.name)
     arrays, problem = _read_processed(out, sources, options) if use_processed else (None, None)
     if arrays is None:
         arrays = _process(spec, paths, sources, options, cities)
@@ -119,52 +89,49 @@ def prepare_dataset(
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             done = f"rebuilt it from the raw files for this run only; could not rewrite {out} ({reason})"
         warnings.warn(f"{problem}; {done}", DataNotice, stacklevel=2)
-    return _to_bundle(spec.name, arrays, t_in, t_out, stride)
+    return _to_bundle(spec.name, arrays, prepare.t_in, prepare.t_out, prepare.stride)
 
 
-def write_processed(
-    city: str,
-    *,
-    root: str | Path = ".",
-    processed_dir: str | Path = "data/processed",
-    cities: dict | None = None,
-    data_source: str = "local",
-    cache_dir: str | Path = "data/raw/.cache",
-    url_overrides: dict | None = None,
-    split=(0.7, 0.1, 0.2),
-    normalized_k: float = 0.1,
-    t_in: int = 12,
-    t_out: int = 12,
-    stride: int = 1,
-) -> Path:
-    """The `prepare` stage: process city `city` from its raw files and write `processed_dir/<city>/`.
+def write_processed(city: str, prepare: PrepareConfig | None = None, *, root: str | Path = ".",
+                    cities: dict | None = None) -> Path:
+    """The `prepare` stage: process city `city` from its raw files and write `prepare.processed_dir/<city>/`.
 
     Validates that the city yields at least one window per split with (t_in, t_out, stride) before writing.
     """
-    spec, paths, sources, options = _inputs(city, root, cities, data_source, cache_dir, url_overrides, split,
-                                            normalized_k, t_in, t_out, stride)
+    prepare = _checked(prepare)
+    spec, paths, sources, options = _inputs(city, root, cities, prepare)
     arrays = _process(spec, paths, sources, options, cities)
-    _to_bundle(spec.name, arrays, t_in, t_out, stride)  # raises if a split is too short for one window
-    out = Path(root, processed_dir, spec.name)
+    _to_bundle(spec.name, arrays, prepare.t_in, prepare.t_out, prepare.stride)  # raises if a split is too short
+    out = Path(root, prepare.processed_dir, spec.name)
     _write_atomic(out, arrays)
     return out
 
 
 # ----------------------------------------------------------------------------- steps
-def _inputs(city, root, cities, data_source, cache_dir, url_overrides, split, normalized_k, t_in, t_out, stride):
-    """Check the options, find the city and its files, hash them (what decides whether outputs are current)."""
-    _check_windows(t_in, t_out, stride)
-    options = PrepareOptions(split=split, normalized_k=normalized_k)
+def _checked(prepare: PrepareConfig | None) -> PrepareConfig:
+    prepare = PrepareConfig() if prepare is None else prepare
+    validate_section("prepare", prepare)  # one-line ConfigError naming prepare.<key>
+    return prepare
+
+
+def processing_options(prepare: PrepareConfig, spec: CitySpec) -> dict:
+    """What decides the processed arrays besides the raw files' bytes: recorded in meta.json, and a
+    processed folder recorded with other options is stale. The city entry's reading options count too
+    (null value, NaN handling, series options, interval, graph format, sub-city), so editing them reruns it."""
+    city = {"null_value": spec.null_value, "nan_as_missing": spec.nan_as_missing, "units": spec.units,
+            "series_options": dict(spec.series_options), "interval_minutes": spec.interval_minutes,
+            "graph_format": spec.graph_format, "subset": spec.subset}
+    return {"split": [float(x) for x in prepare.split], "normalized_k": float(prepare.normalized_k),
+            "format_version": FORMAT_VERSION, "city": json.loads(json.dumps(city, sort_keys=True, default=str))}
+
+
+def _inputs(city: str, root, cities, prepare: PrepareConfig):
+    """Find the city and its files, hash them: what decides whether outputs are current."""
     spec = get_city(city, cities)
-    paths = _resolve_files(spec, Path(root), data_source, Path(root, cache_dir), url_overrides or {})
+    paths = _resolve_files(spec, Path(root), prepare.data_source, Path(root, prepare.cache_dir),
+                           prepare.url_overrides or {})
     sources = {role: sha256_file(p) for role, p in paths.items()}
-    return spec, paths, sources, options
-
-
-def _check_windows(t_in: int, t_out: int, stride: int) -> None:
-    for option, value in (("t_in", t_in), ("t_out", t_out), ("stride", stride)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"prepare.{option}: expected a positive integer, got {value!r}")
+    return spec, paths, sources, processing_options(prepare, spec)
 
 
 def _resolve_files(spec: CitySpec, root: Path, data_source: str, cache_dir: Path, overrides: dict) -> dict[str, Path]:
@@ -178,7 +145,7 @@ def _resolve_files(spec: CitySpec, root: Path, data_source: str, cache_dir: Path
     }
 
 
-def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: PrepareOptions,
+def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dict,
              cities: dict | None) -> _Arrays:
     """Read, align, validate and convert the raw files. Peak extra memory stays near one float32 copy."""
     opts = dict(spec.series_options)
@@ -188,7 +155,7 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: Pre
     coords_df = read_locations(paths["locations"]) if "locations" in paths else None
     if "graph" in paths:
         adj, graph_ids = read_graph(paths["graph"], fmt=spec.graph_format, sensor_ids=data.sensor_ids,
-                                    normalized_k=options.normalized_k)
+                                    normalized_k=options["normalized_k"])
     else:
         adj, graph_ids = None, None
     files = {role: str(p) for role, p in paths.items()}
@@ -198,7 +165,7 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: Pre
         _, coords = align(data, np.eye(len(data.sensor_ids), dtype=np.float32), None, coords_df, files=files)
         if np.isnan(coords).any():
             raise DataError(f"{paths['locations']}: every sensor needs coordinates to build the graph from them")
-        adj = coordinates_to_adjacency(coords[:, 0], coords[:, 1], normalized_k=options.normalized_k)
+        adj = coordinates_to_adjacency(coords[:, 0], coords[:, 1], normalized_k=options["normalized_k"])
     else:
         adj, coords = align(data, adj, graph_ids, coords_df, files=files)
     values = data.values  # (T, N) float64, as read
@@ -222,7 +189,7 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: Pre
     series[series == np.float32(spec.null_value)] = np.nan  # missing readings
     missing_share = float(np.isnan(series).mean())
     n_steps = series.shape[0]
-    bounds = _split_bounds(n_steps, options.split)
+    bounds = _split_bounds(n_steps, options["split"])
     scaler = Scaler.fit(series[: bounds["train"][1]])
 
     meta = {
@@ -240,7 +207,7 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: Pre
         "sensor_ids": sensor_ids,
         "num_edges": int((adj > 0).sum() - (np.diag(adj) > 0).sum()),
         "sources": {role: {"file": Path(p).name, "sha256": sources[role]} for role, p in paths.items()},
-        "options": options.to_dict(),
+        "options": options,
         "subset": spec.subset,
         "synthetic": False,
     }
@@ -306,7 +273,7 @@ def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> Dat
 
 
 # ----------------------------------------------------------------------------- files
-def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> tuple[_Arrays | None, str | None]:
+def _read_processed(out: Path, sources: dict, options: dict) -> tuple[_Arrays | None, str | None]:
     """Read the processed folder `out` back, verified.
 
     (arrays, None): complete, current (same sources and options) and every array matches meta.json.
@@ -323,7 +290,7 @@ def _read_processed(out: Path, sources: dict, options: PrepareOptions) -> tuple[
     if not isinstance(meta, dict):
         return None, None
     current = {role: s.get("sha256") if isinstance(s, dict) else None for role, s in meta.get("sources", {}).items()}
-    if current != sources or meta.get("options") != options.to_dict():
+    if current != sources or meta.get("options") != options:
         return None, None
     problem = _verify_arrays(out, meta.get("arrays"))
     if problem is not None:

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from graphtune.config import TransferConfig
 from graphtune.errors import ConfigError
 
 FEWSHOT_MODES = ("subset", "steps", "both")
@@ -88,15 +89,14 @@ class BudgetScheduler:
     non-flat step resets the count.
     """
 
-    def __init__(self,
-                 min_gain_rate: float = 0.02,  # GraphTune-lite: 0.02 RMSE units per full budget is "nothing"
-                 min_rel_improve: float = 0.005,  # GraphTune-lite: under 0.5 % relative gain is "nothing"
-                 patience: int = 1):  # GraphTune-lite: tolerate one flat step (noise), stop at the second
-        if patience < 0:
-            raise ConfigError(f"patience: expected an integer >= 0, got {patience!r}")
-        self.min_gain_rate = float(min_gain_rate)
-        self.min_rel_improve = float(min_rel_improve)
-        self.patience = int(patience)
+    def __init__(self, transfer: TransferConfig):
+        """Thresholds from the params.yaml `transfer:` section: min_gain_rate (val MAE, in the city's units, per
+        full budget), min_rel_improve (a share of the best val MAE so far) and patience (flat steps tolerated)."""
+        if not (isinstance(transfer.patience, int) and transfer.patience >= 0):
+            raise ConfigError(f"transfer.patience: expected an integer >= 0, got {transfer.patience!r}")
+        self.min_gain_rate = float(transfer.min_gain_rate)
+        self.min_rel_improve = float(transfer.min_rel_improve)
+        self.patience = int(transfer.patience)
         self.points: list[tuple[float, float]] = []
         self.steps: list[dict] = []  # per point after the first: fraction, val, gain, gain_rate, rel_gain, flat
         self.flat_streak = 0

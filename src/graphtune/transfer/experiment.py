@@ -18,6 +18,7 @@ into leaderboard rows by it.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -25,7 +26,7 @@ import io
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from graphtune.compare import live_leaderboard
-from graphtune.config import Params
+from graphtune.config import ExperimentConfig, Params
 from graphtune.data.bundle import DatasetBundle
 from graphtune.data.cities import get_city
 from graphtune.data.prepare import prepare_dataset
@@ -42,10 +43,10 @@ from graphtune.fileio import atomic_directory, check_owned
 from graphtune.metrics import HORIZONS
 from graphtune.models import check_model_kwargs, model_defaults
 from graphtune.plots import stage_scores_png, transfer_curve_png
-from graphtune.transfer.score import SCORE_VERSION, CostReferences, ScoreWeights, budgets_from_config, comparable_score
-from graphtune.transfer.stages import (CurveSettings, ExperimentResult, Observer, SourceModel, StageResult, TrainSettings,
-                              check_curve, per_stage, resolve_device, run_experiment, scored_stages, stage_measures)
-from graphtune.transfer.strategies import get_strategy
+from graphtune.transfer.score import SCORE_VERSION, budgets_from_config, comparable_score
+from graphtune.transfer.stages import (ExperimentResult, Observer, StageResult, check_transfer, resolve_device,
+                                       run_experiment, scored_stages, stage_measures)
+from graphtune.transfer.strategies import SourceModel, get_strategy
 from graphtune.tracking import (TAG_CONFIG, TAG_CONFIG_HASH, TAG_REFERENCE_KEY, TAG_RUN_TYPE, TAG_SCORE_VERSION,
                                 TAG_SOURCE, TAG_TARGETS, Tracker, graphtune_tags, load_checkpoint, run_exists)
 
@@ -57,30 +58,43 @@ OUTPUT_FILES = ("results.json", "results.csv", "curves.csv", "transfer_curve.png
 
 @dataclass
 class Plan:
-    """A fully checked experiment: everything run_experiment needs, derived from Params."""
+    """A fully checked experiment: the validated params (the experiment section resolved against a fine-tuning
+    source), the resolved device and the sources, ready for run_experiment."""
 
+    params: Params
     datasets: list[str]
-    model: str
-    model_kwargs: dict
-    strategy: str
-    train: list[TrainSettings]
-    curve: CurveSettings
-    weights: ScoreWeights
-    refs: CostReferences
-    budgets: dict
-    enforce_time_s: float | None
-    seed: int
     device: str
-    name: str
-    source: SourceModel | None = None
+    sources: tuple[SourceModel, ...] = ()
     source_ref: str = ""
     source_id: str = ""  # the source's identity in the configuration: a run id or the checkpoint's sha256
-    explicit_transfer: list[str] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> ExperimentConfig:
+        return self.params.experiment
+
+    @property
+    def name(self) -> str:
+        exp = self.experiment
+        return exp.name or f"{exp.model}-{exp.strategy}-{'-to-'.join(self.datasets)}-s{exp.seed}"
+
+    @property
+    def first_stage(self) -> int:
+        """The stage index of the first city: 0 (it is pretrained), 1 in a fine-tuning run (it is a target)."""
+        return 1 if self.sources else 0
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.datasets) + self.first_stage
 
     @property
     def run_type(self) -> str:
         """"transfer" when any city is a target, "pretrain" for a single city without a source."""
-        return "transfer" if self.source is not None or len(self.datasets) > 1 else "pretrain"
+        return "transfer" if self.sources or len(self.datasets) > 1 else "pretrain"
+
+    @property
+    def targets(self) -> list[str]:
+        """The cities the comparable score covers."""
+        return list(self.datasets) if self.sources else self.datasets[1:] or list(self.datasets)
 
 
 def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source_ref: str = "",
@@ -88,10 +102,11 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     """Check every option and return the plan; raises ConfigError (naming the option) on bad input.
 
     explicit_transfer: names of transfer-only options the user set explicitly (they need a target city).
-    source_ref: a pretrain run id or checkpoint path to fine-tune from (every dataset is then a target).
+    source_ref: a pretrain run id or checkpoint path to fine-tune from (every dataset is then a target,
+    and the source's model and options replace experiment.model / model_kwargs).
     """
-    params.validate()  # every section's types and ranges, after the command line's options were applied
-    exp, tr, tf, bud, sc = params.experiment, params.train, params.transfer, params.budgets, params.score
+    params = copy.deepcopy(params).validate()  # every section's types and ranges, after the CLI's options
+    exp = params.experiment
     datasets = [d for d in exp.datasets if d]
     if not datasets:
         raise ConfigError("experiment.datasets: expected at least one city")
@@ -102,32 +117,19 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     if n_targets == 0 and explicit_transfer:
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
                           f"experiment.datasets (got only {datasets[0]})")
-    model = source.model if source else exp.model
-    model_defaults(model)  # unknown model -> error listing the registered ones
-    model_kwargs = dict(source.model_kwargs) if source else dict(exp.model_kwargs or {})
-    check_model_kwargs(model, model_kwargs)  # names and ranges the builder declares
+    if source is not None:
+        exp.model, exp.model_kwargs = source.model, dict(source.model_kwargs)
+    exp.datasets = datasets
+    model_defaults(exp.model)  # unknown model -> error listing the registered ones
+    check_model_kwargs(exp.model, exp.model_kwargs)  # names and ranges the builder declares
     get_strategy(exp.strategy)
-    n = len(datasets)
-    epochs = per_stage(tr.epochs, n, "train.epochs")
-    lrs = per_stage(tr.lrs, n, "train.lrs")
-    curve = CurveSettings(tuple(tf.fractions), tf.fewshot_mode, tf.min_gain_rate, tf.min_rel_improve, tf.patience,
-                          tf.prompt_days)
-    check_curve(curve)
-    if bud.enforce and bud.time_sec is None:
+    plan = Plan(params=params, datasets=datasets, device=resolve_device(exp.device),
+                sources=(source,) if source is not None else (), source_ref=source_ref, source_id=source_id)
+    params.train.check_stages(range(plan.first_stage, plan.n_stages), plan.n_stages)
+    check_transfer(params.transfer)
+    if params.budgets.enforce and params.budgets.time_sec is None:
         raise ConfigError("budgets.enforce: enforcing budgets needs budgets.time_sec")
-    amp = {"auto": None, "on": True, "off": False}[tr.amp]
-    train = [TrainSettings(epochs=e, lr=float(lr), batch_size=tr.batch_size, weight_decay=tr.weight_decay,
-                           clip_grad=tr.clip_grad, patience=tr.early_stop_patience or None, amp=amp)
-             for e, lr in zip(epochs, lrs)]
-    weights = ScoreWeights(sc.w_perf, sc.w_transfer_auc, sc.w_eff, sc.w_budget, sc.alpha)
-    refs = CostReferences.from_config(sc.ref_finetune_tflops, sc.ref_trainable_m, sc.ref_size_mb, sc.ref_infer_gflops)
-    budgets = budgets_from_config(bud.mem_mb, bud.time_sec, bud.flops_g, bud.trainable_m)
-    name = exp.name or f"{model}-{exp.strategy}-{'-to-'.join(datasets)}-s{exp.seed}"
-    return Plan(datasets=datasets, model=model, model_kwargs=model_kwargs, strategy=exp.strategy, train=train,
-                curve=curve, weights=weights, refs=refs, budgets=budgets,
-                enforce_time_s=bud.time_sec if bud.enforce else None, seed=exp.seed,
-                device=resolve_device(exp.device), name=name, source=source, source_ref=source_ref,
-                source_id=source_id, explicit_transfer=list(explicit_transfer))
+    return plan
 
 
 def _load_source(ref: str, tracking_uri: str | None) -> tuple[SourceModel, str]:
@@ -168,8 +170,8 @@ class TrackingObserver(Observer):
 
     def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
               **extra) -> dict:
-        p = self.plan
-        tags = graphtune_tags(kind, model=p.model, strategy=p.strategy, datasets=p.datasets, seed=p.seed,
+        exp = self.plan.experiment
+        tags = graphtune_tags(kind, model=exp.model, strategy=exp.strategy, datasets=self.plan.datasets, seed=exp.seed,
                               stage=stage, city=city, fraction=fraction)
         return tags | self.extra_tags | {k: str(v) for k, v in extra.items()}
 
@@ -216,8 +218,9 @@ class TrackingObserver(Observer):
             self.tracker.log_checkpoint(source.checkpoint(), CHECKPOINT)
         self.stages.append(result)
         # this stage's score parts as they will stand: a stage's comparable parts need no other stage
-        self.parts.append(comparable_score([stage_measures(result)], self.plan.weights, self.plan.refs,
-                                           self.plan.budgets).stages[0])
+        params = self.plan.params
+        self.parts.append(comparable_score([stage_measures(result)], params.score,
+                                           budgets_from_config(params.budgets)).stages[0])
         self.echo(live_leaderboard([_live_row(s, p) for s, p in zip(self.stages, self.parts)]))
 
 
@@ -259,7 +262,7 @@ def _live_row(s: StageResult, part) -> dict:
 
 # ----------------------------------------------------------------------------- the runner
 def load_bundles(params: Params, datasets: list[str]) -> list[DatasetBundle]:
-    return [prepare_dataset(city, cities=params.cities, **params.prepare.dataset_kwargs()) for city in datasets]
+    return [prepare_dataset(city, params.prepare, cities=params.cities) for city in datasets]
 
 
 def data_hashes(bundles: list[DatasetBundle], length: int | None = 16) -> dict:
@@ -267,22 +270,25 @@ def data_hashes(bundles: list[DatasetBundle], length: int | None = 16) -> dict:
     return {b.name: {role: s["sha256"][:length] for role, s in b.meta.get("sources", {}).items()} for b in bundles}
 
 
-def resolved_config(params: Params, plan: Plan, bundles: list[DatasetBundle]) -> dict:
+def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
     """Everything that decides a run's numbers except the seed (see the module docstring)."""
-    prep = params.prepare
+    params = plan.params
+    exp, prep, train = params.experiment, params.prepare, params.train
+    stages = range(plan.first_stage, plan.n_stages)
     return {
         "score_version": SCORE_VERSION,
         "run_type": plan.run_type,
         "datasets": list(plan.datasets),
         "source": plan.source_id,
-        "model": plan.model,
-        "model_kwargs": model_defaults(plan.model) | dict(plan.model_kwargs),  # {} and explicit defaults agree
-        "strategy": plan.strategy,
-        "train": [dataclasses.asdict(t) for t in plan.train],
-        "curve": dataclasses.asdict(plan.curve),
-        "budgets": dict(plan.budgets),
-        "enforce_time_s": plan.enforce_time_s,
-        "score": dataclasses.asdict(plan.weights) | dataclasses.asdict(plan.refs),
+        "model": exp.model,
+        "model_kwargs": model_defaults(exp.model) | dict(exp.model_kwargs),  # {} and explicit defaults agree
+        "strategy": exp.strategy,
+        "train": [{"epochs": train.epochs_at(k, plan.n_stages), "lr": train.lr_at(k, plan.n_stages),
+                   "batch_size": train.batch_size, "weight_decay": train.weight_decay, "clip_grad": train.clip_grad,
+                   "patience": train.patience, "amp": train.amp_enabled} for k in stages],
+        "curve": dataclasses.asdict(params.transfer),
+        "budgets": dataclasses.asdict(params.budgets),
+        "score": dataclasses.asdict(params.score),
         "prepare": {"split": list(prep.split), "normalized_k": prep.normalized_k, "t_in": prep.t_in,
                     "t_out": prep.t_out, "stride": prep.stride},
         "cities": {c: params.cities[c] for c in plan.datasets if c in params.cities},
@@ -305,32 +311,32 @@ def reference_key(config: dict, targets: list[str]) -> str:
     return config_hash(keep)
 
 
-def execute(params: Params, plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool = True,
+def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool = True,
             output_dir: str | Path | None = None) -> tuple[ExperimentResult, str | None]:
     """Run the planned experiment under one parent MLflow run; write and log the outputs."""
+    params = plan.params
     out = Path(output_dir or params.experiment.output_dir)
     check_owned(out, legacy_names=OUTPUT_FILES)  # refuse a folder of the user's own before any work
     bundles = load_bundles(params, plan.datasets)
-    config = resolved_config(params, plan, bundles)
+    config = resolved_config(plan, bundles)
     digest = config_hash(config)
-    targets = plan.datasets if plan.source is not None else plan.datasets[1:] or plan.datasets
     tr = params.tracking
     tracker = Tracker(tr.tracking_uri or None, tr.experiment_name, system_metrics=tr.system_metrics, enabled=tracking)
     observer = TrackingObserver(tracker, plan, echo, log_checkpoints=tr.log_checkpoints)
     observer.extra_tags = {TAG_CONFIG_HASH: digest, TAG_RUN_TYPE: plan.run_type, TAG_SCORE_VERSION: str(SCORE_VERSION)}
     tags = observer._tags("experiment", device=plan.device, **{
-        "dvc.data_hashes": json.dumps(data_hashes(bundles)), TAG_TARGETS: ",".join(targets),
-        TAG_REFERENCE_KEY: reference_key(config, targets),
+        "dvc.data_hashes": json.dumps(data_hashes(bundles)), TAG_TARGETS: ",".join(plan.targets),
+        TAG_REFERENCE_KEY: reference_key(config, plan.targets),
         TAG_CONFIG: json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)})
     if plan.source_ref:
         tags[TAG_SOURCE] = plan.source_ref
+    experiment = dataclasses.replace(params.experiment, name=plan.name)
     with tracker.run(plan.name, tags=tags, params=params.as_dict()) as parent_id:
-        echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {plan.model}, strategy {plan.strategy}, "
+        exp = plan.experiment
+        echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {exp.model}, strategy {exp.strategy}, "
              f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else ""))
-        result = run_experiment(bundles, model=plan.model, model_kwargs=plan.model_kwargs, strategy=plan.strategy,
-                                train=plan.train, curve=plan.curve, weights=plan.weights, refs=plan.refs,
-                                budgets=plan.budgets, enforce_time_s=plan.enforce_time_s, seed=plan.seed,
-                                device=plan.device, name=plan.name, source=plan.source, observer=observer)
+        result = run_experiment(bundles, experiment, params.train, params.transfer, params.score, params.budgets,
+                                device=plan.device, sources=plan.sources, observer=observer)
         result.config_hash = digest
         for stage in result.stages:  # final score parts (they need every stage) into each stage run
             run_id = observer.stage_runs.get(stage.stage)

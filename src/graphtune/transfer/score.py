@@ -82,20 +82,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from graphtune.config import BudgetConfig, ScoreConfig
 from graphtune.errors import ConfigError
 
 USAGE_KEYS = ("mem_mb", "time_s", "flops", "trainable_params")  # the budgetable resources, StageInputs units
-
-
-@dataclass(frozen=True)
-class ScoreWeights:
-    """Weights of S_uep (GraphTune-lite's defaults)."""
-
-    w_perf: float = 0.45  # accuracy is the main goal
-    w_transfer_auc: float = 0.35  # how quickly fine-tuning improves over zero-shot
-    w_eff: float = 0.20  # cheaper is better, but never at the price of accuracy
-    w_budget: float = 0.25  # subtracted per unit of relative budget overrun
-    alpha: float = 1.0  # difficulty weights proportional to difficulty
 
 
 @dataclass
@@ -133,11 +123,11 @@ class ScoreResult:
         return {"s_uep": self.s_uep, "stages": [asdict(s) for s in self.stages]}
 
 
-def budgets_from_config(budget_mem_mb: float | None = None, budget_time_sec: float | None = None,
-                        budget_flops_g: float | None = None, budget_trainable_m: float | None = None) -> dict:
-    """The params.yaml budget options in StageInputs units (GFLOPs -> FLOPs, millions -> parameters)."""
-    scaled = {"mem_mb": (budget_mem_mb, 1.0), "time_s": (budget_time_sec, 1.0),
-              "flops": (budget_flops_g, 1e9), "trainable_params": (budget_trainable_m, 1e6)}
+def budgets_from_config(budgets: BudgetConfig) -> dict:
+    """The params.yaml `budgets:` section in StageInputs units (GFLOPs -> FLOPs, millions -> parameters);
+    a budget left null is absent."""
+    scaled = {"mem_mb": (budgets.mem_mb, 1.0), "time_s": (budgets.time_sec, 1.0),
+              "flops": (budgets.flops_g, 1e9), "trainable_params": (budgets.trainable_m, 1e6)}
     return {key: value * unit for key, (value, unit) in scaled.items() if value is not None}
 
 
@@ -158,7 +148,7 @@ def transfer_auc(zero_rmse: float | None, curve: list[tuple[float, float]]) -> f
     return area / float(fractions[-1])
 
 
-def score_experiment(stages: list[StageInputs], weights: ScoreWeights = ScoreWeights(),
+def score_experiment(stages: list[StageInputs], weights: ScoreConfig = ScoreConfig(),
                      budgets: dict | None = None) -> ScoreResult:
     """S_uep and its per-stage parts (formula in the module docstring).
 
@@ -246,31 +236,10 @@ SCORE_VERSION = 2  # bump when the comparable score's definition changes: runs o
 COST_KEYS = ("finetune_flops", "trainable_params", "size_mb", "infer_flops")  # the deterministic costs
 
 
-@dataclass(frozen=True)
-class CostReferences:
-    """Reference budgets of the comparable score: a cost at its reference counts half (u / (u + ref)).
-
-    Defaults (params.yaml score.ref_*) sit in the middle of what the embedded sample's models cost,
-    so cheap and costly strategies spread over the scale instead of crowding one end.
-    """
-
-    finetune_flops: float = 10e12  # 10 TFLOPs: GWNet fine-tuned along the default curve on a ~100-sensor city
-    trainable_params: float = 0.1e6  # 0.1 M: between hypernet (24 k) and GWNet (158 k)
-    size_mb: float = 1.0  # 1 MB of parameters and buffers: above every default model
-    infer_flops: float = 1e9  # 1 GFLOP per window: GWNet-class inference on a ~200-sensor city
-
-    def __post_init__(self):
-        for key in COST_KEYS:
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"score.ref_*: reference budget {key} must be a finite number > 0, got {value!r}")
-
-    @classmethod
-    def from_config(cls, ref_finetune_tflops: float, ref_trainable_m: float, ref_size_mb: float,
-                    ref_infer_gflops: float) -> "CostReferences":
-        """From params.yaml units (TFLOPs, millions, MB, GFLOPs)."""
-        return cls(finetune_flops=ref_finetune_tflops * 1e12, trainable_params=ref_trainable_m * 1e6,
-                   size_mb=ref_size_mb, infer_flops=ref_infer_gflops * 1e9)
+def cost_references(score: ScoreConfig) -> dict[str, float]:
+    """The reference budgets of the comparable score (params.yaml score.ref_*) in StageMeasures units."""
+    return {"finetune_flops": score.ref_finetune_tflops * 1e12, "trainable_params": score.ref_trainable_m * 1e6,
+            "size_mb": score.ref_size_mb, "infer_flops": score.ref_infer_gflops * 1e9}
 
 
 @dataclass
@@ -341,19 +310,21 @@ def skill_auc(zero_skill: float | None, points: list[tuple[float, float]]) -> fl
     return float(np.trapezoid(clipped, fractions))
 
 
-def cost_share(stage: StageMeasures, refs: CostReferences) -> float:
+def cost_share(stage: StageMeasures, score: ScoreConfig = ScoreConfig()) -> float:
     """Mean of u / (u + ref) over the deterministic costs: 0 = free, a half = at every reference, < 1."""
+    refs = cost_references(score)
     shares = []
     for key in COST_KEYS:
         usage = max(float(getattr(stage, key) or 0.0), 0.0)
-        shares.append(usage / (usage + getattr(refs, key)))
+        shares.append(usage / (usage + refs[key]))
     return sum(shares) / len(shares)
 
 
-def comparable_score(stages: list[StageMeasures], weights: ScoreWeights = ScoreWeights(),
-                     refs: CostReferences = CostReferences(), budgets: dict | None = None) -> ComparableScore:
+def comparable_score(stages: list[StageMeasures], weights: ScoreConfig = ScoreConfig(),
+                     budgets: dict | None = None) -> ComparableScore:
     """The comparable score and its per-stage parts (definition in the module docstring).
 
+    `weights` is the params.yaml `score:` section: the w_* weights, alpha and the ref_* reference budgets.
     `budgets`: as for `score_experiment` ({resource: budget} in StageInputs units); the stages'
     `usage` dicts hold the measured resources.
     """
@@ -371,7 +342,7 @@ def comparable_score(stages: list[StageMeasures], weights: ScoreWeights = ScoreW
         if has_zero:  # a strategy that loaded nothing gets no credit for what a random initialisation scores
             zero = skill(stage.zero_rmse, stage.ref_rmse) if stage.transferred and stage.zero_rmse is not None else 0.0
         auc = skill_auc(zero, [(f, skill(r, stage.ref_rmse)) for f, r in stage.curve]) if has_zero else 0.0
-        share = cost_share(stage, refs)
+        share = cost_share(stage, weights)
         eff = 1.0 - share
         eff_term = final * eff if final >= 0 else final * share
         penalty = _budget_penalty_of(stage.usage, budgets)

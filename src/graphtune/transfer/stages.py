@@ -2,10 +2,10 @@
 
     stage 0      build the model for city 0, fit, evaluate                                 -> StageResult
                  (skipped when the strategy loads nothing from the source, e.g. scratch)
-    stage k > 0  the zero-shot point: build the model for the city as zero-shot may see it, transfer
-                 weights (strategy), evaluate; then for each budget fraction f: the view of the city
-                 that holds only f's sampled windows, build and transfer again, fine-tune, evaluate;
-                 a loss-gradient scheduler stops the curve once gains flatten                -> StageResult
+    stage k > 0  the zero-shot point: the strategy adapts the source to the city as zero-shot may see
+                 it, evaluate; then for each budget fraction f: the view of the city that holds only
+                 f's sampled windows, the strategy adapts again, fine-tune, evaluate; a loss-gradient
+                 scheduler stops the curve once gains flatten                                -> StageResult
     all stages   the comparable score and GraphTune-lite's S_uep (graphtune.transfer.score)           -> ExperimentResult
 
 What each point may see of the target city (`DatasetBundle.restrict`):
@@ -22,6 +22,10 @@ Each point records the data it used (windows, steps, days, observed readings). T
 (the historical average fitted on its whole training split, and persistence) are measured once per stage
 for the score, like the test split: no model ever sees them.
 
+Settings arrive as the params.yaml sections, whole (graphtune.config): experiment, train, transfer,
+score, budgets. A strategy is looked up by name (graphtune.transfer.strategies): this loop never changes
+when one is added. The costs that enter the score are measured outside the timed and memory windows.
+
 No MLflow and no files here: an `Observer` receives the events (stage and budget starts, epochs,
 results) and the experiment runner (graphtune.transfer.experiment) turns them into tracked runs and outputs.
 """
@@ -35,56 +39,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
+from graphtune.config import BudgetConfig, ExperimentConfig, ScoreConfig, TrainConfig, TransferConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
 from graphtune.engine import evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
-from graphtune.transfer.score import (ComparableScore, CostReferences, ScoreResult, ScoreWeights, StageInputs, StageMeasures,
-                             comparable_score, score_experiment)
-from graphtune.transfer.strategies import Strategy, get_strategy
-
-
-# ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class TrainSettings:
-    """One stage's optimisation (see graphtune.engine.fit)."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 64
-    weight_decay: float = 1e-4
-    clip_grad: float | None = 5.0
-    patience: int | None = None  # early stopping on val MAE; None = never
-    amp: bool | None = None  # None = on for CUDA only
-
-
-@dataclass(frozen=True)
-class CurveSettings:
-    """The budget curve of a transfer stage and its scheduler (see graphtune.transfer.budget)."""
-
-    fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
-    fewshot_mode: str = "subset"
-    min_gain_rate: float = 0.5
-    min_rel_improve: float = 0.01
-    patience: int = 0
-    prompt_days: float = 0.0  # unlabelled target days a strategy that declares it may read at zero-shot
-
-
-@dataclass
-class SourceModel:
-    """What a transfer starts from: a trained state, the nodes it was trained on and the scaling it learned in."""
-
-    model: str
-    model_kwargs: dict
-    state: dict
-    city: str
-    sensor_ids: list[str]
-    scaler: dict  # {"mean", "std"} of the data the state was trained on: the zero-shot scaler of a target
-
-    def checkpoint(self) -> dict:
-        return asdict(self)
+from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
+from graphtune.transfer.score import (ComparableScore, ScoreResult, StageInputs, StageMeasures, budgets_from_config,
+                                      comparable_score, score_experiment)
+from graphtune.transfer.strategies import SourceModel, StrategyContext, get_strategy
 
 
 # ----------------------------------------------------------------------------- results
@@ -194,39 +158,36 @@ class Observer:
 
 
 # ----------------------------------------------------------------------------- checks
-def per_stage(values, n_stages: int, option: str) -> list:
-    """Expand a per-stage list: one value applies to every stage; otherwise exactly one per stage."""
-    values = list(values) if isinstance(values, (list, tuple)) else [values]
-    if len(values) == 1:
-        return values * n_stages
-    if len(values) != n_stages:
-        raise ConfigError(f"{option}: expected one value or one per stage ({n_stages} stages), got {len(values)}")
-    return values
-
-
-def check_curve(curve: CurveSettings) -> None:
-    if not curve.fractions:
+def check_transfer(transfer: TransferConfig) -> None:
+    """The budget curve's options that the section's own checks cannot see: order, repeats, the mode."""
+    if not transfer.fractions:
         raise ConfigError("transfer.fractions: expected at least one budget fraction in (0, 1]")
-    fractions = [check_fraction(f) for f in curve.fractions]
+    fractions = [check_fraction(f) for f in transfer.fractions]
     if fractions != sorted(set(fractions)):
         raise ConfigError(f"transfer.fractions: expected increasing fractions without repeats, got {fractions}")
-    BudgetScheduler(curve.min_gain_rate, curve.min_rel_improve, curve.patience)  # validates patience
-    sample_windows(torch.arange(2), fractions[0], curve.fewshot_mode, 0)  # validates the mode
+    BudgetScheduler(transfer)  # validates patience
+    sample_windows(torch.arange(2), fractions[0], transfer.fewshot_mode, 0)  # validates the mode
 
 
-# ----------------------------------------------------------------------------- stages
-def _fit(model, bundle, train: TrainSettings, *, seed, device, observer, time_budget_s, starts=None, cap=None):
-    return fit(model, bundle, epochs=train.epochs, lr=train.lr, weight_decay=train.weight_decay,
-               batch_size=train.batch_size, clip_grad=train.clip_grad, seed=seed, device=device,
-               train_starts=starts, max_steps_per_epoch=cap, patience=train.patience,
-               time_budget_s=time_budget_s, amp=train.amp, on_epoch_end=lambda _, e: observer.epoch(e))
+# ----------------------------------------------------------------------------- measuring
+_PROFILES: dict[tuple, tuple[dict, dict]] = {}  # one profile per model shape and trainable set, per process
 
 
 def _efficiency(model: nn.Module, bundle: DatasetBundle, batch_size: int) -> tuple[dict, dict]:
-    prof = profile_model(model, bundle, batch_size=batch_size)
-    static = {k: prof[k] for k in ("params_total", "params_trainable", "size_mb")}
-    flops = {k: prof[k] for k in ("flops", "macs", "train_flops", "thop_macs", "batch_size")}
-    return static, flops
+    """Static cost (parameters, size) and FLOPs (forward, training step) of `model` on `bundle`'s graph.
+
+    Profiled once per model shape: the key is the model's class, its parameter shapes and trainable set
+    and the node count, which is all that FlopCounterMode's count depends on. thop's cross-check is left to
+    `graphtune models --profile`. Called before a stage's resource window opens, so none of this is timed.
+    """
+    shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters())
+    key = (type(model).__qualname__, shapes, bundle.num_nodes, bundle.t_in, bundle.t_out, batch_size)
+    if key not in _PROFILES:
+        prof = profile_model(model, bundle, batch_size=batch_size, thop=False)
+        _PROFILES[key] = ({k: prof[k] for k in ("params_total", "params_trainable", "size_mb")},
+                          {k: prof[k] for k in ("flops", "macs", "train_flops", "thop_macs", "batch_size")})
+    static, flops = _PROFILES[key]
+    return dict(static), dict(flops)
 
 
 def _cost(static: dict, flops: dict, samples: int) -> dict:
@@ -237,9 +198,10 @@ def _cost(static: dict, flops: dict, samples: int) -> dict:
             "trainable_params": static["params_trainable"], "size_mb": static["size_mb"]}
 
 
-def _dynamic(monitor: ResourceMonitor, train_time_s: float) -> dict:
-    return {"train_time_s": train_time_s, "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
-            "peak_gpu_mb": monitor.peak_gpu_mb}
+def _dynamic(monitor: ResourceMonitor, fits: list) -> dict:
+    """Time and memory of a stage: train_time_s counts training steps only, val_time_s the validations."""
+    return {"train_time_s": sum(f.train_time_s for f in fits), "val_time_s": sum(f.val_time_s for f in fits),
+            "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb, "peak_gpu_mb": monitor.peak_gpu_mb}
 
 
 def _require_finite(metrics: dict, what: str) -> dict:
@@ -251,7 +213,7 @@ def _require_finite(metrics: dict, what: str) -> dict:
     return metrics
 
 
-def city_references(bundle: DatasetBundle, *, batch_size: int = 64, device="cpu") -> dict:
+def city_references(bundle: DatasetBundle, *, batch_size: int, device="cpu") -> dict:
     """Test metrics of the city's references on the same windows as every model: the time-of-day historical
     average fitted on the whole training split, and last-value persistence. Fixed per city and split."""
     return {name: _require_finite(evaluate(build_model(name, bundle), bundle, "test", batch_size=batch_size,
@@ -265,102 +227,100 @@ def prompt_steps(bundle: DatasetBundle, prompt_days: float) -> int:
     return min(hi - lo, int(round(prompt_days * 1440.0 / bundle.interval_minutes)))
 
 
-def pretrain_stage(bundle: DatasetBundle, *, model: str, model_kwargs: dict, train: TrainSettings, seed: int = 0,
+# ----------------------------------------------------------------------------- stages
+def pretrain_stage(bundle: DatasetBundle, experiment: ExperimentConfig, train: TrainConfig, *, n_stages: int = 1,
                    device="cpu", time_budget_s: float | None = None, observer: Observer | None = None
                    ) -> tuple[StageResult, SourceModel]:
-    """Stage 0: train `model` on `bundle` (the whole training split) from scratch and evaluate it."""
+    """Stage 0: train experiment.model on `bundle` (the whole training split) from scratch and evaluate it."""
     observer = observer or Observer()
+    seed, batch = experiment.seed, train.batch_size
     with observer.stage(0, "pretrain", bundle.name):
+        torch.manual_seed(seed)
+        net = build_model(experiment.model, bundle, **experiment.model_kwargs)
+        static, flops = _efficiency(net, bundle, batch)
         with ResourceMonitor(device) as monitor:
-            torch.manual_seed(seed)
-            net = build_model(model, bundle, **model_kwargs)
-            static, flops = _efficiency(net, bundle, train.batch_size)
-            result = _fit(net, bundle, train, seed=seed, device=device, observer=observer,
-                          time_budget_s=time_budget_s)
-            val = _require_finite(evaluate(net, bundle, "val", batch_size=train.batch_size, device=device),
+            result = fit(net, bundle, train, stage=0, n_stages=n_stages, seed=seed, device=device,
+                         time_budget_s=time_budget_s, on_epoch_end=lambda _, e: observer.epoch(e))
+            val = _require_finite(evaluate(net, bundle, "val", batch_size=batch, device=device),
                                   f"{bundle.name}: pretraining, validation")
-            test = _require_finite(evaluate(net, bundle, "test", batch_size=train.batch_size, device=device),
+            test = _require_finite(evaluate(net, bundle, "test", batch_size=batch, device=device),
                                    f"{bundle.name}: pretraining, test")
-            reference = city_references(bundle, batch_size=train.batch_size, device=device)
+        reference = city_references(bundle, batch_size=batch, device=device)
         stage = StageResult(stage=0, kind="pretrain", city=bundle.name, num_nodes=bundle.num_nodes, val=val,
-                            test=test, static_eff=static, flops=flops,
-                            dynamic_eff=_dynamic(monitor, result.train_time_s), difficulty=graph_difficulty(bundle),
-                            reference=reference, cost=_cost(static, flops, result.samples),
+                            test=test, static_eff=static, flops=flops, dynamic_eff=_dynamic(monitor, [result]),
+                            difficulty=graph_difficulty(bundle), reference=reference,
+                            cost=_cost(static, flops, result.samples),
                             data=bundle.data_used_by(bundle.window_starts("train")),
                             history=result.history, stopped_reason=result.stopped_reason)
-        source = SourceModel(model, dict(model_kwargs), _cpu_state(net), bundle.name, list(bundle.sensor_ids),
-                             bundle.scaler.to_dict())
+        source = SourceModel(experiment.model, dict(experiment.model_kwargs), _cpu_state(net), bundle.name,
+                             list(bundle.sensor_ids), bundle.scaler.to_dict())
         observer.stage_done(stage, source)
     return stage, source
 
 
-def transfer_stage(bundle: DatasetBundle, source: SourceModel | None, *, index: int, strategy: str,
-                   train: TrainSettings, curve: CurveSettings, model: str | None = None,
-                   model_kwargs: dict | None = None, seed: int = 0, device="cpu",
+def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], experiment: ExperimentConfig,
+                   train: TrainConfig, transfer: TransferConfig, *, index: int, n_stages: int, device="cpu",
                    time_budget_s: float | None = None, observer: Observer | None = None
                    ) -> tuple[StageResult, SourceModel]:
-    """Stage `index` > 0: transfer `source` to `bundle`, evaluate zero-shot, run the budget curve.
+    """Stage `index` > 0: adapt `sources` to `bundle` with experiment.strategy, evaluate zero-shot, run the curve.
 
-    A strategy that loads nothing (scratch) needs no source: pass `model` and `model_kwargs` instead;
-    it has no zero-shot point.
+    A strategy that loads nothing (scratch) needs no source and has no zero-shot point.
     """
     observer = observer or Observer()
-    strat: Strategy = get_strategy(strategy)
-    if strat.loads_source and source is None:
-        raise ConfigError(f"experiment.strategy: {strategy!r} transfers from a source model; none was given")
-    model = source.model if source is not None else model
-    model_kwargs = dict(source.model_kwargs if source is not None else model_kwargs or {})
-    same_nodes = source is not None and list(source.sensor_ids) == list(bundle.sensor_ids)
-    source_scaler = Scaler(**source.scaler) if source is not None else None
-    window = prompt_steps(bundle, curve.prompt_days) if strat.uses_prompt_window else 0
+    strategy = get_strategy(experiment.strategy)
+    sources = tuple(sources) if strategy.loads_source else ()
+    if strategy.loads_source and not sources:
+        raise ConfigError(f"experiment.strategy: {experiment.strategy!r} transfers from a source model; none was given")
+    model = sources[-1].model if sources else experiment.model
+    model_kwargs = dict(sources[-1].model_kwargs if sources else experiment.model_kwargs)
+    seed, batch = experiment.seed, train.batch_size
+    source_scaler = Scaler(**sources[-1].scaler) if sources else None
+    window = prompt_steps(bundle, transfer.prompt_days) if strategy.uses_prompt_window else 0
     all_starts = bundle.window_starts("train")
 
-    def build(view: DatasetBundle) -> tuple[nn.Module, object]:
-        torch.manual_seed(seed)  # every point starts from the same initial weights
-        net = build_model(model, view, **model_kwargs)
-        report = strat.apply(net, source.state if source is not None else None, same_nodes)
-        if report is not None:
-            net.after_transfer()  # e.g. a seq2seq model ends its teacher-forcing curriculum (models.base)
-        return net, report
+    def adapt(view: DatasetBundle, fraction: float):
+        return strategy.adapt(StrategyContext(sources=sources, target=view, model=model, model_kwargs=model_kwargs,
+                                              seed=seed, device=str(device), fraction=fraction))
 
     with observer.stage(index, "transfer", bundle.name):
+        zero_val = zero_test = zero_data = zero_view = None
+        scheduler = BudgetScheduler(transfer)
+        if strategy.loads_source:
+            zero_view = bundle.restrict(all_starts[:0], prompt_steps=window, fallback_scaler=source_scaler)
+            adapted = adapt(zero_view, 0.0)
+            net, report = adapted.model, adapted.report
+            static, flops = _efficiency(net, zero_view, batch)
+        else:  # no zero-shot point: profile the model as the first point adapts it (rebuilt there, same seed)
+            first = transfer.fractions[0]
+            probe = bundle.restrict(sample_windows(all_starts, first, transfer.fewshot_mode, seed), prompt_steps=window)
+            static, flops = _efficiency(adapt(probe, first).model, probe, batch)
+        points, fits, history, stopped_reason, view = [], [], [], "completed", None
         with ResourceMonitor(device) as monitor:
-            zero_val = zero_test = zero_data = zero_view = None
-            scheduler = BudgetScheduler(curve.min_gain_rate, curve.min_rel_improve, curve.patience)
-            static = flops = report = None
-            if strat.loads_source:
-                zero_view = bundle.restrict(all_starts[:0], prompt_steps=window, fallback_scaler=source_scaler)
-                net, report = build(zero_view)
-                static, flops = _efficiency(net, zero_view, train.batch_size)
+            if zero_view is not None:
                 where = f"{bundle.name}: zero-shot"
-                zero_val = _require_finite(evaluate(net, zero_view, "val", batch_size=train.batch_size,
-                                                    device=device), where)
-                zero_test = _require_finite(evaluate(net, zero_view, "test", batch_size=train.batch_size,
-                                                     device=device), where)
+                zero_val = _require_finite(evaluate(net, zero_view, "val", batch_size=batch, device=device), where)
+                zero_test = _require_finite(evaluate(net, zero_view, "test", batch_size=batch, device=device), where)
                 zero_data = zero_view.data_used
                 scheduler.update(0.0, zero_val["mae"])
-            points, spent, samples, history, stopped_reason, view = [], 0.0, 0, [], "completed", None
-            for fraction in curve.fractions:
+            for fraction in transfer.fractions:
+                spent = sum(f.fit_time_s for f in fits)
                 remaining = None if time_budget_s is None else time_budget_s - spent
                 if remaining is not None and remaining <= 0:
                     stopped_reason = "time_budget"
                     break
                 with observer.budget(index, bundle.name, fraction):
-                    starts = sample_windows(all_starts, fraction, curve.fewshot_mode, seed)
+                    starts = sample_windows(all_starts, fraction, transfer.fewshot_mode, seed)
                     view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
-                    net, report = build(view)
-                    if static is None:  # no zero-shot point: measure the model as the first point builds it
-                        static, flops = _efficiency(net, view, train.batch_size)
-                    cap = steps_cap(all_starts.numel(), train.batch_size, fraction, curve.fewshot_mode)
-                    result = _fit(net, view, train, seed=seed, device=device, observer=observer,
-                                  time_budget_s=remaining, starts=starts, cap=cap)
+                    adapted = adapt(view, fraction)
+                    net, report = adapted.model, adapted.report
+                    cap = steps_cap(all_starts.numel(), batch, fraction, transfer.fewshot_mode)
+                    result = fit(net, view, train, stage=index, n_stages=n_stages, seed=seed, device=device,
+                                 train_starts=starts, max_steps_per_epoch=cap, time_budget_s=remaining,
+                                 on_epoch_end=lambda _, e: observer.epoch(e))
                     where = f"{bundle.name}: fine-tuned at fraction {fraction:g}"
-                    val = _require_finite(evaluate(net, view, "val", batch_size=train.batch_size, device=device),
-                                          where)
-                    test = _require_finite(evaluate(net, view, "test", batch_size=train.batch_size,
-                                                    device=device), where)
-                    spent += result.train_time_s
-                    samples += result.samples
+                    val = _require_finite(evaluate(net, view, "val", batch_size=batch, device=device), where)
+                    test = _require_finite(evaluate(net, view, "test", batch_size=batch, device=device), where)
+                    fits.append(result)
                     point = {"fraction": fraction, "windows": int(starts.numel()), "data": view.data_used,
                              "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
                              "train_time_s": result.train_time_s, "stopped_reason": result.stopped_reason,
@@ -375,18 +335,18 @@ def transfer_stage(bundle: DatasetBundle, source: SourceModel | None, *, index: 
                 if scheduler.update(fraction, val["mae"]):
                     stopped_reason = "budget_scheduler"
                     break
-            reference = city_references(bundle, batch_size=train.batch_size, device=device)
+        reference = city_references(bundle, batch_size=batch, device=device)
         final_val, final_test = (points[-1]["val"], points[-1]["test"]) if points else (zero_val, zero_test)
         final_view = view if view is not None else zero_view
         stage = StageResult(
             stage=index, kind="transfer", city=bundle.name, num_nodes=bundle.num_nodes, val=final_val, test=final_test,
-            static_eff=static, flops=flops, dynamic_eff=_dynamic(monitor, spent), difficulty=graph_difficulty(bundle),
-            reference=reference, cost=_cost(static, flops, samples), data=final_view.data_used,
+            static_eff=static, flops=flops, dynamic_eff=_dynamic(monitor, fits), difficulty=graph_difficulty(bundle),
+            reference=reference, cost=_cost(static, flops, sum(f.samples for f in fits)), data=final_view.data_used,
             zero_shot_val=zero_val, zero_shot_test=zero_test, zero_shot_data=zero_data,
             curve=[{k: v for k, v in p.items() if k not in ("val", "test")} for p in points],
-            transfer=_transfer_summary(report, same_nodes),
+            transfer=report.summary(bool(sources) and list(sources[-1].sensor_ids) == list(bundle.sensor_ids)),
             scheduler={"stopped_at": scheduler.stopped_at, "reason": scheduler.stop_reason,
-                       "saved_budget": scheduler.saved_budget(curve.fractions), "steps": scheduler.steps},
+                       "saved_budget": scheduler.saved_budget(transfer.fractions), "steps": scheduler.steps},
             history=history, stopped_reason=stopped_reason,
         )
         new_source = SourceModel(model, model_kwargs, _cpu_state(net), bundle.name, list(bundle.sensor_ids),
@@ -402,7 +362,7 @@ def _usage(s: StageResult) -> dict:
             "trainable_params": s.static_eff["params_trainable"]}
 
 
-def score_stages(stages: list[StageResult], weights: ScoreWeights, budgets: dict | None) -> ScoreResult:
+def score_stages(stages: list[StageResult], weights: ScoreConfig, budgets: dict | None) -> ScoreResult:
     """GraphTune-lite's S_uep over the stages; also writes each stage's S_uep parts into `stage.suep`."""
     inputs = [StageInputs(test_rmse=s.test_rmse, zero_rmse=s.zero_rmse,
                           curve=[(p["fraction"], p["test_rmse"]) for p in s.curve], **_usage(s),
@@ -431,17 +391,16 @@ def scored_stages(stages: list[StageResult]) -> list[StageResult]:
     return [s for s in stages if s.kind == "transfer"] or list(stages)
 
 
-def comparable_stages(stages: list[StageResult], weights: ScoreWeights, refs: CostReferences,
-                      budgets: dict | None) -> ComparableScore:
+def comparable_stages(stages: list[StageResult], weights: ScoreConfig, budgets: dict | None) -> ComparableScore:
     """The comparable score of a run; writes every stage's parts into `stage.score` (a pretrain stage of a
     transfer run gets its own parts for display; it does not count in the run's score)."""
     scored = scored_stages(stages)
-    result = comparable_score([stage_measures(s) for s in scored], weights, refs, budgets)
+    result = comparable_score([stage_measures(s) for s in scored], weights, budgets)
     for stage, part in zip(scored, result.stages):
         stage.score = _parts(part)
     for stage in stages:
         if stage not in scored:
-            stage.score = _parts(comparable_score([stage_measures(stage)], weights, refs, budgets).stages[0])
+            stage.score = _parts(comparable_score([stage_measures(stage)], weights, budgets).stages[0])
             stage.score["difficulty_weight"] = 0.0  # shown, not counted
     return result
 
@@ -450,7 +409,7 @@ def _parts(part) -> dict:
     return {k: v for k, v in asdict(part).items() if k != "name"}
 
 
-def reference_scores(stages: list[StageResult], weights: ScoreWeights, refs: CostReferences) -> dict:
+def reference_scores(stages: list[StageResult], weights: ScoreConfig) -> dict:
     """The historical average and persistence scored by the same rule as the run, on the same stages.
 
     A reference needs no transfer and no training: its error is the same at every point of the curve
@@ -467,7 +426,7 @@ def reference_scores(stages: list[StageResult], weights: ScoreWeights, refs: Cos
                                           zero_rmse=rmse if s.kind == "transfer" else None,
                                           curve=[(1.0, rmse)] if s.kind == "transfer" else [], kind=s.kind,
                                           difficulty=s.difficulty["difficulty_proxy"], name=f"{s.stage}:{s.city}"))
-        result = comparable_score(measures, weights, refs)
+        result = comparable_score(measures, weights)
         weights_ = [p.difficulty_weight for p in result.stages]
         out[name] = {"score": result.score,
                      "mean_skill": sum(p.difficulty_weight * p.skill for p in result.stages),
@@ -479,55 +438,49 @@ def reference_scores(stages: list[StageResult], weights: ScoreWeights, refs: Cos
     return out
 
 
-def run_experiment(bundles: list[DatasetBundle], *, model: str, model_kwargs: dict | None = None,
-                   strategy: str = "full", train: list[TrainSettings], curve: CurveSettings = CurveSettings(),
-                   weights: ScoreWeights = ScoreWeights(), refs: CostReferences = CostReferences(),
-                   budgets: dict | None = None, enforce_time_s: float | None = None, seed: int = 0, device="cpu",
-                   name: str = "", source: SourceModel | None = None,
-                   observer: Observer | None = None) -> ExperimentResult:
-    """The whole stage loop. With `source`, every bundle is a transfer target (no pretraining stage).
+def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, train: TrainConfig,
+                   transfer: TransferConfig, score: ScoreConfig = ScoreConfig(), budgets: BudgetConfig = BudgetConfig(),
+                   *, device="cpu", sources: tuple[SourceModel, ...] = (), observer: Observer | None = None
+                   ) -> ExperimentResult:
+    """The whole stage loop over `bundles`, with the params.yaml sections passed whole.
 
-    `train` holds one TrainSettings per stage; `enforce_time_s` stops a stage's training once it has
-    used that many seconds (the time budget when `budgets.enforce` is on). A strategy that loads
-    nothing from the source (scratch) skips pretraining: the first city only names the source.
+    Without `sources`, stage 0 pretrains experiment.model on the first city and every later city is a
+    transfer target; a strategy that loads nothing from a source (scratch) skips the pretraining, the first
+    city then only names the source. With `sources` (a fine-tuning run), every bundle is a target: stages
+    1..n, as stage 0 was the source's pretraining. `budgets.enforce` stops a stage's training at
+    `budgets.time_sec`.
     """
     observer = observer or Observer()
-    model_kwargs = dict(model_kwargs or {})
-    n_stages = len(bundles)
-    if len(train) != n_stages:
-        raise ConfigError(f"train settings: expected one per stage ({n_stages}), got {len(train)}")
-    loads_source = get_strategy(strategy).loads_source
+    strategy = get_strategy(experiment.strategy)
+    first = 1 if sources else 0  # the stage index of bundles[0]
+    n_stages = len(bundles) + first
+    train.check_stages(range(first, n_stages), n_stages)
+    enforce_time_s = budgets.time_sec if budgets.enforce else None
     stages: list[StageResult] = []
-    first = 0
-    if source is None:
-        first = 1
-        if loads_source or n_stages == 1:  # a single city is a pretrain-only run, whatever the strategy
-            stage, source = pretrain_stage(bundles[0], model=model, model_kwargs=model_kwargs, train=train[0],
-                                           seed=seed, device=device, time_budget_s=enforce_time_s, observer=observer)
-            stages.append(stage)
-    for k in range(first, n_stages):
-        stage, source = transfer_stage(bundles[k], source if loads_source else None, index=k, strategy=strategy,
-                                       train=train[k], curve=curve, model=model, model_kwargs=model_kwargs,
-                                       seed=seed, device=device, time_budget_s=enforce_time_s, observer=observer)
+    sources = tuple(sources)
+    for index, bundle in enumerate(bundles, start=first):
+        if index == 0:
+            if not strategy.loads_source and len(bundles) > 1:
+                continue  # scratch: nothing is transferred, so nothing is pretrained
+            stage, source = pretrain_stage(bundle, experiment, train, n_stages=n_stages, device=device,
+                                           time_budget_s=enforce_time_s, observer=observer)
+        else:
+            stage, source = transfer_stage(bundle, sources, experiment, train, transfer, index=index,
+                                           n_stages=n_stages, device=device, time_budget_s=enforce_time_s,
+                                           observer=observer)
         stages.append(stage)
-    suep = score_stages(stages, weights, budgets)
-    score = comparable_stages(stages, weights, refs, budgets)
-    return ExperimentResult(name=name, model=source.model, strategy=strategy, datasets=[b.name for b in bundles],
-                            seed=seed, stages=stages, score=score, suep=suep,
-                            references=reference_scores(stages, weights, refs))
+        sources = sources + (source,)
+    budget_dict = budgets_from_config(budgets)
+    suep = score_stages(stages, score, budget_dict)
+    result = comparable_stages(stages, score, budget_dict)
+    return ExperimentResult(name=experiment.name, model=sources[-1].model, strategy=experiment.strategy,
+                            datasets=[b.name for b in bundles], seed=experiment.seed, stages=stages, score=result,
+                            suep=suep, references=reference_scores(stages, score))
 
 
 # ----------------------------------------------------------------------------- helpers
 def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _transfer_summary(report, same_nodes: bool) -> dict:
-    """What the strategy loaded; `transferred` False when it loaded nothing (scratch)."""
-    if report is None:
-        return {"share": 0.0, "copied": 0, "skipped": {}, "same_nodes": same_nodes, "transferred": False}
-    return {"share": report.share, "copied": len(report.copied), "skipped": dict(report.skipped),
-            "same_nodes": same_nodes, "transferred": True}
 
 
 def resolve_device(device: str) -> str:

@@ -1,93 +1,227 @@
-"""Adaptation strategies: how a model built for a target city starts, and which of its weights train.
+"""Adaptation strategies: the interface the stage loop calls at every budget point, and the built-in three.
 
-A strategy is registered by name with what it declares about the data and the source:
+At each point (the zero-shot point, then each budget fraction) the stage loop hands a strategy a
+`StrategyContext` and fine-tunes the model it returns:
 
-    @register_strategy("full")                    # loads_source=True, uses_prompt_window=True by default
-    def full(model, source_state, same_nodes) -> TransferReport | None: ...
+    ctx.sources        the trained source models (SourceModel: model name, options, state, city, nodes,
+                       scaler), oldest first; empty for a strategy that loads nothing
+    ctx.target         the target city as this point may see it (DatasetBundle.restrict): its graph,
+                       coordinates, prompt window and sampled windows, nothing else of the training split
+    ctx.model, ctx.model_kwargs   the registered model the run is about
+    ctx.seed, ctx.device, ctx.fraction (0.0 = zero-shot)
 
-- `apply(model, source_state, same_nodes)` loads what it wants from the source state (None when the
-  strategy loads nothing) and sets `requires_grad` on the parameters fine-tuning may change.
-- `loads_source`: False for a strategy that takes nothing from the source (scratch). The stage loop
-  then skips pretraining, and the comparable score gives its zero-shot point no credit.
-- `uses_prompt_window`: the strategy may read the target's unlabelled prompt window
-  (`transfer.prompt_days` of readings) at zero-shot, for node prompts and the scaler.
+    adapt(ctx) -> Adapted(model, report)
 
-Later capabilities (adapters, generated parameters, compressed models) plug in here as further
-strategies without touching the stage loop.
+The model may be any ForecastModel: the one built for the target with weights loaded, a pruned one, one
+wrapped with adapters. Its parameters' `requires_grad` say what fine-tuning may change. The report says
+what was loaded and what was created, the trainable share and the data the point exposed.
+
+A strategy is one class that registers itself:
+
+    @register_strategy("my-strategy")
+    class MyStrategy(Strategy):
+        loads_source = True          # False: nothing from a source; the loop then runs no pretraining
+        uses_prompt_window = True    # may read transfer.prompt_days of target readings at zero-shot
+        def adapt(self, ctx): ...
+
+The stage loop and the CLI look strategies up by name (`experiment.strategy`); neither changes when one
+is added. Capabilities to come (generated parameters, data-free compression, adapters) add theirs here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-import torch.nn as nn
+import torch
 
+from graphtune.data.bundle import DatasetBundle
 from graphtune.errors import ConfigError
+from graphtune.models import build_model
+from graphtune.models.base import ForecastModel
+from graphtune.registry import Registry
 from graphtune.transfer.state import TransferReport, load_partial_state
 
-Apply = Callable[[nn.Module, dict, bool], "TransferReport | None"]
+
+@dataclass
+class SourceModel:
+    """A trained model a transfer starts from: its state, the nodes it was trained on and the scaling it learned in."""
+
+    model: str
+    model_kwargs: dict
+    state: dict
+    city: str
+    sensor_ids: list[str]
+    scaler: dict  # {"mean", "std"} of the data the state was trained on: the zero-shot scaler of a target
+
+    def checkpoint(self) -> dict:
+        return {"model": self.model, "model_kwargs": dict(self.model_kwargs), "state": self.state,
+                "city": self.city, "sensor_ids": list(self.sensor_ids), "scaler": dict(self.scaler)}
 
 
 @dataclass(frozen=True)
+class StrategyContext:
+    """Everything a strategy may use at one budget point (see the module docstring)."""
+
+    sources: tuple[SourceModel, ...]
+    target: DatasetBundle
+    model: str
+    model_kwargs: dict
+    seed: int
+    device: str
+    fraction: float  # 0.0 = the zero-shot point
+
+    @property
+    def source(self) -> SourceModel:
+        """The latest source model (a chain of stages passes one on); ConfigError when there is none."""
+        if not self.sources:
+            raise ConfigError(f"experiment.strategy: the strategy needs a source model for {self.target.name}; "
+                              "none was trained or given")
+        return self.sources[-1]
+
+    @property
+    def same_nodes(self) -> bool:
+        """Whether the latest source was trained on exactly the target's nodes, in the same order."""
+        return bool(self.sources) and list(self.source.sensor_ids) == list(self.target.sensor_ids)
+
+    def build(self) -> ForecastModel:
+        """The run's model built for the target view, from the seeded initialisation every point shares."""
+        torch.manual_seed(self.seed)
+        return build_model(self.model, self.target, **self.model_kwargs)
+
+
+@dataclass
+class StrategyReport:
+    """What a strategy did at one point."""
+
+    loaded: list[str] = field(default_factory=list)  # state entries taken from a source
+    created: list[str] = field(default_factory=list)  # learnable tensors made for the target (initialised, generated)
+    skipped: dict[str, str] = field(default_factory=dict)  # source entries not used, with the reason
+    loaded_params: int = 0  # learnable parameter elements loaded from a source
+    total_params: int = 0  # learnable parameter elements of the returned model
+    trainable_params: int = 0  # of those, the ones fine-tuning may change
+    data: dict = field(default_factory=dict)  # what the point's view exposed (windows, steps, days, readings)
+
+    @property
+    def transferred(self) -> bool:
+        return bool(self.loaded)
+
+    @property
+    def share(self) -> float:
+        """Share of the model's learnable parameters that came from a source (1.0 for a model without any)."""
+        return self.loaded_params / self.total_params if self.total_params else 1.0
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def summary(self, same_nodes: bool) -> dict:
+        """The stage result's `transfer` entry."""
+        return {"share": self.share, "copied": len(self.loaded), "created": len(self.created),
+                "skipped": dict(self.skipped), "same_nodes": same_nodes, "transferred": self.transferred,
+                "trainable_share": self.trainable_share}
+
+
+@dataclass
+class Adapted:
+    model: ForecastModel
+    report: StrategyReport
+
+
 class Strategy:
-    name: str
-    apply: Apply
-    loads_source: bool = True  # False: nothing comes from the source, so no pretraining stage is run
-    uses_prompt_window: bool = True  # may read transfer.prompt_days of target readings at zero-shot
-    description: str = ""
+    """Base of every strategy: subclass, set the two declarations, implement `adapt`, register it."""
+
+    name: ClassVar[str] = ""
+    loads_source: ClassVar[bool] = True  # False: nothing from a source, so no pretraining stage is run
+    uses_prompt_window: ClassVar[bool] = True  # may read transfer.prompt_days of target readings at zero-shot
+
+    def adapt(self, ctx: StrategyContext) -> Adapted:  # pragma: no cover - the interface
+        raise NotImplementedError
 
 
-_STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy", option="experiment.strategy",
+                                          providers=("graphtune.transfer.strategies",))
 
 
-def register_strategy(name: str, *, loads_source: bool = True, uses_prompt_window: bool = True):
-    def decorator(fn: Apply) -> Apply:
-        if name in _STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        _STRATEGIES[name] = Strategy(name, fn, loads_source, uses_prompt_window, doc[0] if doc else "")
-        return fn
+def register_strategy(name: str):
+    """Class decorator: register one instance of a Strategy subclass under `name`."""
+
+    def decorator(cls: type[Strategy]) -> type[Strategy]:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(f"strategy {name!r}: register a subclass of Strategy, got {cls!r}")
+        cls.name = name
+        STRATEGIES.register(name, cls(), owner=cls.__module__)
+        return cls
 
     return decorator
 
 
-def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
-
-
 def get_strategy(name: str) -> Strategy:
-    if name not in _STRATEGIES:
-        raise ConfigError(f"experiment.strategy: unknown strategy {name!r}; known: {', '.join(list_strategies())}")
-    return _STRATEGIES[name]
+    return STRATEGIES.get(name)
+
+
+def list_strategies() -> list[str]:
+    return STRATEGIES.names()
+
+
+def report_for(model: ForecastModel, ctx: StrategyContext, transfer: TransferReport | None = None) -> StrategyReport:
+    """The report of a model as a strategy returns it: what `transfer` loaded, what the model has besides."""
+    learnable = dict(model.named_parameters())
+    loaded = list(transfer.copied) if transfer is not None else []
+    return StrategyReport(
+        loaded=loaded, created=[n for n in learnable if n not in set(loaded)],
+        skipped=dict(transfer.skipped) if transfer is not None else {},
+        loaded_params=transfer.transferred_params if transfer is not None else 0,
+        total_params=sum(p.numel() for p in learnable.values()),
+        trainable_params=sum(p.numel() for p in learnable.values() if p.requires_grad),
+        data=dict(ctx.target.data_used or {}))
+
+
+def _load_source(ctx: StrategyContext) -> tuple[ForecastModel, TransferReport]:
+    """The model built for the target with every matching tensor of the latest source loaded."""
+    model = ctx.build()
+    transfer = load_partial_state(model, ctx.source.state, same_nodes=ctx.same_nodes)
+    if transfer.copied:
+        model.after_transfer()  # e.g. a seq2seq model ends its teacher-forcing curriculum (models.base)
+    return model, transfer
 
 
 @register_strategy("full")
-def full(model: nn.Module, state: dict, same_nodes: bool) -> TransferReport:
+class Full(Strategy):
     """Transfer every matching tensor, then fine-tune all parameters (the usual transfer baseline)."""
-    report = load_partial_state(model, state, same_nodes=same_nodes)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return report
+
+    def adapt(self, ctx: StrategyContext) -> Adapted:
+        model, transfer = _load_source(ctx)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Adapted(model, report_for(model, ctx, transfer))
 
 
 @register_strategy("freeze-transferred")
-def freeze_transferred(model: nn.Module, state: dict, same_nodes: bool) -> TransferReport:
+class FreezeTransferred(Strategy):
     """Transfer, then train only what was NOT transferred (node-specific tensors re-created for the city).
 
     The cheapest adaptation: the shared temporal/graph core stays frozen. A model whose every parameter
     transfers (e.g. hypernet) has nothing left to train and stays at its zero-shot weights.
     """
-    report = load_partial_state(model, state, same_nodes=same_nodes)
-    copied = set(report.copied)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in copied)
-    return report
+
+    def adapt(self, ctx: StrategyContext) -> Adapted:
+        model, transfer = _load_source(ctx)
+        copied = set(transfer.copied)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in copied)
+        return Adapted(model, report_for(model, ctx, transfer))
 
 
-@register_strategy("scratch", loads_source=False, uses_prompt_window=False)
-def scratch(model: nn.Module, state: dict | None, same_nodes: bool) -> None:
+@register_strategy("scratch")
+class Scratch(Strategy):
     """No transfer: train the target model from its random initialisation (what transfer must beat)."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return None
+
+    loads_source = False
+    uses_prompt_window = False
+
+    def adapt(self, ctx: StrategyContext) -> Adapted:
+        model = ctx.build()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Adapted(model, report_for(model, ctx))

@@ -1,0 +1,44 @@
+"""`graphtune compare`: the leaderboard from the tracking store."""
+
+from __future__ import annotations
+
+import click
+
+from graphtune.cli import cli, load_params, params_option, set_option, user_errors
+
+
+@cli.command()
+@params_option
+@set_option
+@click.option("--experiment-name", "experiment_names", multiple=True,
+              help="MLflow experiment(s) to read (repeatable; default: compare.experiment_names).")
+@click.option("--filter", "filter_string", default=None, help="an MLflow search filter on the parent runs, e.g. "
+              "\"params.`experiment.model` = 'gwnet'\" (default: compare.filter).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="keep runs with this tag (repeatable).")
+@click.option("--parent-run", default=None, help="only this experiment run (a parent run id).")
+@click.option("--output-dir", default=None, help="where leaderboard.csv/.md/.png go (default: compare.output_dir).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking store (default: tracking.tracking_uri, "
+              "$MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).")
+@user_errors
+def compare(params_path, overrides, experiment_names, filter_string, tags, parent_run, output_dir, tracking_uri):
+    """Leaderboard across models and strategies from the MLflow tracking store (CSV, Markdown, PNG)."""
+    from graphtune.compare import format_table, leaderboard, write_leaderboard
+    from graphtune.errors import ConfigError
+
+    params = load_params(params_path, overrides)
+    cfg = params.compare
+    tag_filter = {}
+    for item in tags:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--tag {item!r}: expected KEY=VALUE")
+        tag_filter[key] = value
+    board = leaderboard(tracking_uri or params.tracking.tracking_uri or None,
+                        experiment_names=[e for e in experiment_names if e] or cfg.experiment_names or None,
+                        filter_string=cfg.filter if filter_string is None else filter_string,
+                        tags=tag_filter or None, parent_run_id=parent_run)
+    paths = write_leaderboard(board, output_dir or cfg.output_dir)  # "" (an MLproject default) -> params
+    click.echo(format_table(board))
+    click.echo("written: " + ", ".join(str(p) for p in paths.values()))
+
+

@@ -1,0 +1,74 @@
+"""`graphtune prepare`, `fetch` and `cities`: the data commands."""
+
+from __future__ import annotations
+
+import click
+
+from graphtune.cli import cli, load_params, params_option, set_option, user_errors
+
+
+@cli.command()
+@click.option("--city", "cities", multiple=True,
+              help="city to prepare (repeatable or comma-separated); default: prepare.cities from the params file.")
+@params_option
+@set_option
+@click.option("--data-source", type=click.Choice(["", "local", "url", "hf", "auto"]), default=None,
+              help="where raw files come from: local files, registered URLs, the Hugging Face hub, or auto "
+                   "(local first, then the sources). Default: prepare.data_source.")
+@click.option("--processed-dir", default=None, help="output folder (default: prepare.processed_dir).")
+@user_errors
+def prepare(cities, params_path, overrides, data_source, processed_dir):
+    """Write data/processed/<city>/ (arrays + meta.json) from a city's raw files: the DVC prepare stage."""
+    from graphtune.data.prepare import write_processed
+
+    params = load_params(params_path, overrides)
+    if data_source:
+        params.prepare.data_source = data_source
+    if processed_dir:
+        params.prepare.processed_dir = processed_dir
+    names = [c for item in cities for c in item.split(",") if c] or params.prepare.cities
+    for city in names:
+        out = write_processed(city, params.prepare, cities=params.cities)
+        click.echo(f"prepared {city} -> {out}")
+
+
+@cli.command()
+@click.option("--city", "cities", multiple=True, required=True,
+              help="city whose raw files to fetch into its folder (repeatable or comma-separated).")
+@click.option("--data-source", type=click.Choice(["url", "hf", "auto"]), default="auto", show_default=True,
+              help="url: the registered (or overridden) URL; hf: the Hugging Face dataset repo; "
+                   "auto: keep a verified local copy, else try the URL, then the hub.")
+@params_option
+@set_option
+@user_errors
+def fetch(cities, data_source, params_path, overrides):
+    """Download a city's raw files into its folder (e.g. data/raw/metr-la/), verified by sha256.
+
+    Then version them with DVC: `dvc add data/raw/<city>` and `dvc push` to your remote.
+    """
+    from pathlib import Path
+
+    from graphtune.data.cities import get_city
+    from graphtune.data.fetch import resolve_file
+
+    params = load_params(params_path, overrides)
+    for city in [c for item in cities for c in item.split(",") if c]:
+        spec = get_city(city, params.cities)
+        folder = Path(spec.directory)
+        for role, remote in spec.files().items():
+            path = resolve_file(remote, local_dir=folder, data_source=data_source, cache_dir=folder,
+                                url_override=params.prepare.url_overrides.get(remote.name))
+            click.echo(f"{city} {role}: {path}")
+        click.echo(f"version it with: dvc add {folder}")
+
+
+@cli.command("cities")
+@params_option
+@user_errors
+def cities_cmd(params_path):
+    """List the registered cities and those added in the params file, with their fact blocks."""
+    from graphtune.data.cities import city_table
+
+    params = load_params(params_path, optional=True)
+    for row in city_table(params.cities, processed_dir=params.prepare.processed_dir):
+        click.echo(f"{row['name']:14s} {row['shape']:>10s}  {row['interval']:>8s}  {row['description']}")
