@@ -345,7 +345,7 @@ def test_nan_allowed_when_city_says_it_means_missing(tmp_path):
     b = prepare_dataset("toy", root=tmp_path, use_processed=False,
                         cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
                                         "graph_format": "dense", "nan_as_missing": True}})
-    assert np.isnan(b.target[10, 2]) and b.values[10, 2] == 0.0
+    assert bool(torch.isnan(b.target[10, 2])) and b.values[10, 2] == 0.0
 
 
 def test_bad_nan_in_graph(tmp_path):
@@ -395,3 +395,20 @@ def test_bad_options():
 def test_offline_auto_names_the_files(tmp_path):
     with pytest.raises(DataError, match="metr-la.h5"):
         prepare_dataset("metr-la", PrepareConfig(data_source="local"), root=tmp_path)
+
+
+def test_a_city_entry_change_makes_its_processed_folder_stale(tmp_path, monkeypatch):
+    """The reading options of a user city (null value, series options, ...) decide its arrays: a processed
+    folder written with other ones is stale, and the city is read from raw again (no stale arrays reused)."""
+    _write_city(tmp_path / "raw")
+    entry = {"directory": str(tmp_path / "raw"), "series": "series.csv", "graph": "adj.csv", "graph_format": "dense",
+             "locations": "locations.csv", "units": "km/h", "null_value": 0.0}
+    settings = PrepareConfig(processed_dir=str(tmp_path / "processed"))
+    write_processed("toy", settings, root=tmp_path, cities={"toy": entry})
+    calls = _spy_process(monkeypatch)
+    prepare_dataset("toy", settings, root=tmp_path, cities={"toy": entry})
+    assert calls == []  # current: read from the processed folder
+    first_reading = float(pd.read_csv(tmp_path / "raw" / "series.csv", index_col=0).iloc[0, 0])
+    changed = prepare_dataset("toy", settings, root=tmp_path, cities={"toy": {**entry, "null_value": first_reading}})
+    assert calls == [1]  # stale: the new null value is applied to the raw readings
+    assert bool(torch.isnan(changed.target[0, 0]))
