@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
+import warnings
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from graphtune.data.fetch import RemoteFile, download, resolve_file, sha256_file
-from graphtune.errors import ConfigError, DataError
+from graphtune.errors import ConfigError, DataError, DataNotice
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 LOCATIONS = SAMPLE / "metr-la-week" / "graph_sensor_locations.csv"
@@ -230,7 +232,7 @@ def test_auto_falls_back_to_hf_then_fails_with_one_message(server, tmp_path, clo
     assert f"{closed_port_url} (connection refused" in message
     assert "/datasets/o/r/resolve/main/metr-la.h5 (connection refused" in message
     assert "\n" not in message
-    assert leftovers(tmp_path / "cache") == []
+    assert leftovers(tmp_path / "cache") == [".graphtune-sha256.json"]  # the first download's record, no partial
 
 
 def test_source_errors(tmp_path):
@@ -243,3 +245,27 @@ def test_source_errors(tmp_path):
         resolve_file(remote, local_dir=tmp_path / "raw", data_source="hf", cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigError, match="data_source: expected one of auto, local, url, hf, got 'ftp'"):
         resolve_file(remote, local_dir=tmp_path / "raw", data_source="ftp", cache_dir=tmp_path / "cache")
+
+
+def test_a_file_without_a_registered_hash_is_trusted_on_first_use(server, tmp_path):
+    """metr-la.h5 and pems-bay.h5 have no registered sha256: the first download's is recorded, and a later
+    download that differs is kept but reported (results on it are not comparable with earlier ones)."""
+    base, root, _ = server
+    serve(root, "pems-bay.h5", b"first publication")
+    remote = RemoteFile("pems-bay.h5", url=f"{base}/pems-bay.h5")  # no sha256 known
+    cache = tmp_path / "cache"
+    path = resolve_file(remote, local_dir=tmp_path / "raw", data_source="url", cache_dir=cache, timeout=5)
+    record = json.loads((cache / ".graphtune-sha256.json").read_text())
+    assert record == {"pems-bay.h5": {"sha256": hashlib.sha256(b"first publication").hexdigest(),
+                                      "url": f"{base}/pems-bay.h5"}}
+    path.unlink()
+    serve(root, "pems-bay.h5", b"first publication")  # the same bytes again: nothing to report
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataNotice)
+        resolve_file(remote, local_dir=tmp_path / "raw", data_source="url", cache_dir=cache, timeout=5)
+    path.unlink()
+    serve(root, "pems-bay.h5", b"a silently republished file")
+    with pytest.warns(DataNotice, match=r"pems-bay\.h5: downloaded from .* but the first download of pems-bay\.h5 had"):
+        again = resolve_file(remote, local_dir=tmp_path / "raw", data_source="url", cache_dir=cache, timeout=5)
+    assert again.read_bytes() == b"a silently republished file"
+    assert json.loads((cache / ".graphtune-sha256.json").read_text()) == record  # the first one stays the reference

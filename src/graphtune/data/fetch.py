@@ -8,12 +8,20 @@ Sources, in the order `data_source="auto"` tries them:
 
 A download streams into a temporary file next to its destination, is checked against its sha256
 and only then renamed into place, so the final name never holds a partial or corrupt file.
+
+What is verified. A file whose sha256 the city table registers (the graphs, the sensor locations, the
+embedded sample) is checked against it, locally and after every download. A file without a registered
+hash (the full METR-LA and PEMS-BAY series, whose hashes cannot be known offline) is trusted on first use:
+the first download's sha256 is recorded in `.graphtune-sha256.json` beside it, and a later download of
+that name that differs is kept but reported in one DataNotice, since results computed on it are not
+comparable with earlier ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import uuid
 import warnings
@@ -23,7 +31,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
-from graphtune.errors import ConfigError, DataError
+from graphtune.errors import ConfigError, DataError, DataNotice
 
 DATA_SOURCES = ("auto", "local", "url", "hf")
 HF_ENDPOINT = "https://huggingface.co"  # overridden by the hf_endpoint argument or the HF_ENDPOINT variable
@@ -71,7 +79,7 @@ def resolve_file(remote: RemoteFile, *, local_dir: Path, data_source: str = "aut
             raise DataError(f"cannot download {remote.name}: {what}; give a URL or put the file in {local_dir}")
         if _verified(cached, remote.sha256):
             return cached
-        return download(source, cached, sha256=remote.sha256, timeout=timeout)
+        return _remembered(download(source, cached, sha256=remote.sha256, timeout=timeout), source, remote)
 
     tried = []  # "auto": every source in turn; one error at the end lists them all
     if local.is_file():
@@ -88,10 +96,36 @@ def resolve_file(remote: RemoteFile, *, local_dir: Path, data_source: str = "aut
         if source is None:
             continue
         try:
-            return download(source, cached, sha256=remote.sha256, timeout=timeout)
+            return _remembered(download(source, cached, sha256=remote.sha256, timeout=timeout), source, remote)
         except DataError as exc:
             tried.append(f"{source} ({_reason(exc, source)})")
     raise DataError(f"cannot find {remote.name}: put it in {local_dir}; tried " + "; ".join(tried))
+
+
+RECORD = ".graphtune-sha256.json"  # first-download hashes of files the city table has none for
+
+
+def _remembered(path: Path, url: str, remote: RemoteFile) -> Path:
+    """Trust on first use for a file without a registered sha256 (see the module docstring)."""
+    if remote.sha256 is not None:
+        return path  # verified against the registered hash already
+    record_path = path.parent / RECORD
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    actual = sha256_file(path)
+    first = record.get(path.name, {}).get("sha256") if isinstance(record.get(path.name), dict) else None
+    if first is None:
+        record[path.name] = {"sha256": actual, "url": url}
+        tmp = record_path.with_name(f".{RECORD}.{uuid.uuid4().hex[:8]}.part")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, record_path)
+    elif first != actual:
+        warnings.warn(f"{path}: downloaded from {url} with sha256 {actual}, but the first download of {path.name} "
+                      f"had {first} ({record_path}): the source changed, so results on it are not comparable with "
+                      "earlier ones; delete its entry there to accept the new file", DataNotice, stacklevel=3)
+    return path
 
 
 def sha256_file(path) -> str:
