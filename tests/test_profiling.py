@@ -1,5 +1,7 @@
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -192,3 +194,32 @@ def test_ha_difficulty_hand_computed():
 def test_graph_difficulty_has_both_measures():
     bundle = _hand_bundle()
     assert graph_difficulty(bundle) == pytest.approx({"difficulty_proxy": 0.0, "difficulty_ha": 127 / 326})
+
+
+@pytest.mark.parametrize("name", ["baseline", "bigst", "dcrnn", "dgcrn", "gwnet", "hypernet"])
+def test_flop_counter_counts_as_torchs_flop_counter_mode(name):
+    """GraphTune's FlopCounter reuses FlopCounterMode's formulas without its dynamo import: same numbers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graphtune.models import build_model
+    from graphtune.profiling import count_train_flops
+
+    bundle = synthetic_bundle(num_nodes=7, num_steps=200, seed=0)
+    kwargs = {"dgcrn": {"hidden": 4}, "dcrnn": {"hidden": 4}}.get(name, {})
+    model = build_model(name, bundle, **kwargs)
+    x, _ = bundle.batch(bundle.window_starts("train")[:4])
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as reference:
+        model(x)
+    assert count_flops(model, (x,))["flops"] == reference.get_total_flops() > 0
+    with FlopCounterMode(display=False) as reference:
+        model(x).float().mean().backward()
+    model.zero_grad(set_to_none=True)
+    assert count_train_flops(model, (x,)) == reference.get_total_flops()
+
+
+def test_counting_flops_does_not_load_torch_dynamo():
+    code = ("import sys, torch; from graphtune.profiling import count_flops; "
+            "count_flops(torch.nn.Linear(3, 2), (torch.ones(4, 3),)); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr
