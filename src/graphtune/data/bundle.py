@@ -21,7 +21,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from graphtune.config import PrepareConfig
+
 SPLITS = ("train", "val", "test")
+_PREPARE = PrepareConfig()  # the one place window defaults live (graphtune.config)
 IN_CHANNELS = 3  # value, time of day, day of week
 
 
@@ -72,9 +75,9 @@ class DatasetBundle:
     splits: dict[str, tuple[int, int]]  # split -> [start, stop) range of time steps
     scaler: Scaler
     coords: np.ndarray | None = None  # (N, 2) latitude, longitude in degrees, or None
-    t_in: int = 12  # 12 x 5 min = one hour of history, the DCRNN/GWNet protocol
-    t_out: int = 12  # 12 x 5 min = one hour ahead
-    stride: int = 1  # step between consecutive training windows
+    t_in: int = _PREPARE.t_in  # history steps per window (defaults: params.yaml prepare:, via config.py)
+    t_out: int = _PREPARE.t_out  # steps ahead per window
+    stride: int = _PREPARE.stride  # step between consecutive training windows
     units: str = ""
     null_value: float = 0.0
     meta: dict = field(default_factory=dict)

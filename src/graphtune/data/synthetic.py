@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from graphtune.config import PrepareConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
 
 
@@ -56,15 +57,20 @@ def synthetic_series(num_steps: int, adj: np.ndarray, interval_minutes: float = 
     return series
 
 
-def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t_in: int = 12, t_out: int = 12,
-                     interval_minutes: float = 5.0, adj: np.ndarray | None = None,
+def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t_in: int | None = None,
+                     t_out: int | None = None, interval_minutes: float = 5.0, adj: np.ndarray | None = None,
                      coords: np.ndarray | None = None, name: str | None = None) -> DatasetBundle:
-    """A small in-memory SYNTHETIC bundle with a 70/10/20 chronological split (for tests and benchmarks)."""
+    """A small in-memory SYNTHETIC bundle with params.yaml's chronological split and windows (t_in, t_out
+    default to the prepare section's), for tests and benchmarks."""
+    prepare = PrepareConfig()
+    t_in = prepare.t_in if t_in is None else t_in
+    t_out = prepare.t_out if t_out is None else t_out
     if adj is None:
         adj, coords = random_geometric_graph(num_nodes, seed=seed)
     num_nodes = adj.shape[0]
     raw = synthetic_series(num_steps, adj, interval_minutes, seed)
-    t1, t2 = int(round(num_steps * 0.7)), int(round(num_steps * 0.8))
+    t1 = int(round(num_steps * prepare.split[0]))
+    t2 = int(round(num_steps * (prepare.split[0] + prepare.split[1])))
     scaler = Scaler.fit(raw[:t1])
     index = pd.date_range("2024-01-01", periods=num_steps, freq=pd.Timedelta(minutes=interval_minutes))
     tod = ((index.hour * 60 + index.minute) / 1440.0).to_numpy(np.float32)
