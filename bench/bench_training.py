@@ -142,7 +142,8 @@ def reference_pipeline(series: np.ndarray, time_features: np.ndarray, split_star
 
 
 def reference_from_bundle(bundle, seed: int = 0) -> dict:
-    series = torch.nan_to_num(bundle.target, nan=bundle.null_value).numpy()  # raw (T, N), 0 = missing as in the h5
+    null = 0.0 if bundle.null_value is None else bundle.null_value  # the reference only knows "0 = missing"
+    series = torch.nan_to_num(bundle.target, nan=null).numpy()  # raw (T, N), 0 = missing as in the h5
     starts = {s: bundle.window_starts(s) for s in ("train", "val", "test")}
     return reference_pipeline(series, bundle.time_features.numpy(), starts, t_in=bundle.t_in, t_out=bundle.t_out,
                               seed=seed)

@@ -59,24 +59,24 @@ def test_unknown_mode_is_a_config_error():
 
 
 def test_scheduler_stops_after_more_than_patience_flat_steps():
-    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.5, min_rel_improve=0.01, patience=1))
-    assert not sched.update(0.0, 10.0)  # zero-shot reference
-    assert not sched.update(0.1, 9.0)  # gain 1, rate 10, rel 0.1: not flat
-    assert not sched.update(0.3, 8.95)  # gain 0.05, rate 0.25 < 0.5, rel 0.0056 < 0.01: flat 1 (= patience)
-    assert sched.update(0.5, 8.94)  # gain 0.01, rate 0.05, rel 0.0011: flat 2 > patience -> stop
+    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.05, min_rel_improve=0.01, patience=1))
+    assert not sched.update(0.0, 10.0)  # zero-shot: the reference error
+    assert not sched.update(0.1, 9.0)  # gain 1 = 10% of the reference per 0.1 of budget: rate 1.0, not flat
+    assert not sched.update(0.3, 8.95)  # gain 0.05: rate 0.005/0.2 = 0.025 < 0.05, rel 0.0056 < 0.01: flat 1
+    assert sched.update(0.5, 8.94)  # gain 0.01: rate 0.005, rel 0.0011: flat 2 > patience -> stop
     assert sched.should_stop and sched.stopped_at == 0.5
     assert [s["flat"] for s in sched.steps] == [False, True, True]
-    assert sched.steps[1]["gain_rate"] == pytest.approx(0.25)
+    assert sched.steps[1]["gain_rate"] == pytest.approx(0.025)
     assert sched.steps[1]["rel_gain"] == pytest.approx(0.05 / 9.0)
     assert "fraction 0.5" in sched.stop_reason and "patience 1" in sched.stop_reason
-    assert "min_gain_rate 0.5" in sched.stop_reason
+    assert "min_gain_rate 0.05" in sched.stop_reason
     assert sched.saved_budget([0.1, 0.3, 0.5, 0.7, 1.0]) == pytest.approx(1.7)
 
 
 def test_scheduler_flat_needs_both_rates_low_and_resets():
-    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.5, min_rel_improve=0.1, patience=1))
+    sched = BudgetScheduler(TransferConfig(min_gain_rate=0.05, min_rel_improve=0.1, patience=1))
     sched.update(0.0, 10.0)
-    sched.update(0.1, 9.9)  # rate 1.0 >= 0.5 although rel 0.01 < 0.1: not flat
+    sched.update(0.1, 9.9)  # rate (0.1 / 10) / 0.1 = 0.1 >= 0.05 although rel 0.01 < 0.1: not flat
     sched.update(0.2, 9.9)  # no gain: flat
     sched.update(0.3, 8.0)  # big gain: resets the streak
     sched.update(0.4, 8.0)  # flat again, streak 1
@@ -93,7 +93,7 @@ def test_scheduler_gain_is_measured_against_the_best_so_far():
     for f, v in [(0.0, 5.0), (0.2, 6.0), (0.4, 4.0)]:
         sched2.update(f, v)
     assert sched2.steps[1]["gain"] == pytest.approx(1.0)  # against best 5.0, not the previous 6.0
-    assert sched2.steps[1]["gain_rate"] == pytest.approx(5.0)  # per 0.2 of budget since the previous point
+    assert sched2.steps[1]["gain_rate"] == pytest.approx(1.0)  # 1/5 of the reference error per 0.2 of budget
 
 
 def test_scheduler_nan_metric_is_flat_and_fractions_must_increase():
@@ -104,3 +104,13 @@ def test_scheduler_nan_metric_is_flat_and_fractions_must_increase():
     s.update(0.3, 1.0)
     with pytest.raises(ConfigError, match="increase"):
         s.update(0.3, 0.9)
+
+
+def test_scheduler_thresholds_are_unit_free():
+    """The same curve in mph, km/h and counts stops at the same point: the thresholds are shares of errors."""
+    curve = [(0.0, 3.3), (0.1, 3.2), (0.3, 3.19), (1.0, 3.185)]
+    stops = []
+    for unit in (1.0, 1.609344, 250.0):
+        sched = BudgetScheduler(TransferConfig())
+        stops.append(next((f for f, v in curve if sched.update(f, v * unit)), None))
+    assert stops == [0.3, 0.3, 0.3]

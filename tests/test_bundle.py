@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,21 @@ def test_scaler_uses_observed_values_only():
 def test_scaler_rejects_empty_training_part():
     with pytest.raises(ValueError, match="no observed values"):
         Scaler.fit(np.full((3, 2), np.nan))
+
+
+def test_window_minutes_and_the_metric_settings_a_bundle_carries():
+    bundle = _tiny(t_in=4, t_out=3)  # 5-minute steps
+    assert (bundle.t_in_minutes, bundle.t_out_minutes) == (20.0, 15.0)
+    assert bundle.null_value == 0.0 and bundle.mape_floor == 1.0  # the DCRNN convention; one unit of the reading
+    counts = replace(bundle, interval_minutes=60.0, null_value=None, mape_floor=0.5)
+    assert (counts.t_in_minutes, counts.t_out_minutes) == (240.0, 180.0)
+    restricted = counts.restrict(counts.window_starts("train")[:3])
+    assert restricted.null_value is None and restricted.mape_floor == 0.5  # a budget point's view keeps them
+
+
+def test_synthetic_bundles_take_windows_as_steps_or_durations():
+    from graphtune.data.synthetic import synthetic_bundle
+
+    hourly = synthetic_bundle(num_steps=200, t_in="1d", t_out=2, interval_minutes=60.0)
+    assert (hourly.t_in, hourly.t_out, hourly.t_in_minutes) == (24, 2, 1440.0)
+    assert (synthetic_bundle().t_in, synthetic_bundle().t_out) == (12, 12)  # params.yaml's defaults

@@ -47,8 +47,8 @@ def test_cities_lists_user_cities_and_bad_entries_fail_in_one_line(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert r.output.strip().splitlines() == [
         "graphtune: error: cities.toy: unknown key(s) colour; allowed: description, directory, facts, graph, "
-        "graph_format, interval_minutes, locations, nan_as_missing, null_value, series, series_options, subset, "
-        "units"]
+        "graph_format, interval_minutes, locations, mape_floor, nan_as_missing, null_value, series, series_options, "
+        "subset, units"]
 
 
 def test_a_params_file_named_on_the_command_line_must_exist(tmp_path, monkeypatch):
@@ -77,3 +77,12 @@ def test_finetune_gives_every_target_the_transfer_stage_settings(tmp_path, monke
     # both targets are transfer stages 1 and 2, so both get the transfer entry of [2, 1] (the first used to get 2)
     assert [s["stage"] for s in ft["stages"]] == [1, 2]
     assert [s["curve"][0]["epochs"] for s in ft["stages"]] == [1, 1]
+
+
+def test_one_city_runs_with_params_yaml_per_stage_lists(tmp_path, monkeypatch):
+    """params.yaml says epochs [6, 3] for two stages; one city on the command line pretrains with the first."""
+    monkeypatch.chdir(REPO)
+    r = _invoke("experiment", "--datasets", "metr-la-week", *FAST, "--no-tracking", "--output-dir", str(tmp_path / "o"))
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert result["run_type"] == "pretrain" and len(result["stages"][0]["history"]) == 6

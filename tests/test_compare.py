@@ -326,7 +326,7 @@ def test_runs_of_another_score_version_are_not_ranked():
 
 def test_format_number():
     assert [format_number(v) for v in (0.70710678, 3.01234, 123.456, 1234.5, 123456.0, 0, 2, None, np.nan, np.inf)] == [
-        "0.7071", "3.012", "123.5", "1234", "123456", "0", "2", "-", "-", "inf"]
+        "0.7071", "3.012", "123.5", "1234", "123456", "0", "2", "-", "-", "-"]
 
 
 def test_live_leaderboard_text():
@@ -447,3 +447,11 @@ def test_leaderboard_figure_of_a_plain_score_table():
     ax = leaderboard_figure(table).axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0: metr-la / pretrain", "1: pems-bay / transfer"]
     assert [p.get_width() for p in ax.patches] == pytest.approx([0.4, 0.6])
+
+
+def test_format_number_prints_a_dash_for_every_non_finite_value():
+    """inf, -inf, NaN and MLflow's sqlite spelling of inf (float max) are no measurement: "-", never 309 digits."""
+    float_max = sys.float_info.max
+    values = (math.inf, -math.inf, math.nan, np.float32(np.inf), np.float64(-np.inf), float_max, -float_max,
+              pd.NA, -1234.5)
+    assert [format_number(v) for v in values] == ["-", "-", "-", "-", "-", "-", "-", "-", "-1234"]

@@ -77,7 +77,8 @@ def test_every_option_declares_a_check_that_its_default_passes(name):
     ("budgets.enforce=1", "budgets.enforce: expected true or false, got 1"),
     ("score.w_eff=-0.1", "score.w_eff: expected a finite number >= 0, got -0.1"),
     ("score.ref_size_mb=0", "score.ref_size_mb: expected a finite number > 0, got 0"),
-    ("prepare.t_in=0", "prepare.t_in: expected an integer >= 1, got 0"),
+    ("prepare.t_in=0", 'prepare.t_in: expected an integer number of steps >= 1 or a duration such as "1h", '
+                            '"90min", "2d", got 0'),
     ("prepare.data_source=ftp", "prepare.data_source: expected one of local, url, hf, auto, got 'ftp'"),
     ("prepare.split=[0.5,0.5,0.5]",
      "prepare.split: expected three positive fractions summing to 1, got [0.5, 0.5, 0.5]"),

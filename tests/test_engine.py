@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 
@@ -79,7 +80,7 @@ def test_evaluate_constant_prediction_matches_direct_computation(bundle):
 
 def test_evaluate_on_explicit_starts(bundle):
     starts = bundle.window_starts("test")[:7]
-    acc = MetricAccumulator()
+    acc = MetricAccumulator(mape_floor=getattr(bundle, "mape_floor", 1.0), interval_minutes=bundle.interval_minutes)
     _, y = bundle.batch(starts)
     acc.update(torch.full_like(y, bundle.scaler.mean), y)
     assert evaluate(Constant(0.0), bundle, "test", starts=starts) == pytest.approx(acc.compute(), rel=1e-9)
@@ -126,10 +127,10 @@ def test_best_on_validation_state_is_restored(bundle):
 
 
 def test_early_stopping_with_patience(bundle):
-    # lr 0 and no weight decay: nothing changes, so validation never improves after epoch 1
+    # lr 0 and no weight decay: nothing changes, so no epoch improves on the starting weights
     result = fit(_model(), bundle, TrainConfig(epochs=[10], lrs=[0.0], weight_decay=0.0, early_stop_patience=2), seed=0)
     assert result.stopped_reason == "early_stopping"
-    assert len(result.history) == 3 and result.best_epoch == 1
+    assert len(result.history) == 2 and result.best_epoch == 0
 
 
 def test_time_budget_stops_after_one_step(bundle):
@@ -200,8 +201,8 @@ def test_one_observed_validation_label_is_enough(bundle):
     holey.target[hi - 1, 3] = 50.0  # the last target step of the last val window
     model = _model()
     result = fit(model, holey, TrainConfig(epochs=[1], lrs=[1e-2]), seed=0)
-    assert math.isfinite(result.history[0]["val_mae"])
-    assert result.history[0]["val_mae"] == evaluate(model, holey, "val")["mae"]  # one label, measured exactly
+    assert math.isfinite(result.history[0]["val_mae"]) and math.isfinite(result.start_val["mae"])
+    assert result.best_val_mae == evaluate(model, holey, "val")["mae"]  # one label, measured exactly
 
 
 def test_split_without_validation_windows_is_a_data_error():
@@ -266,3 +267,85 @@ def test_amp_path_runs_on_cpu_with_bfloat16(bundle):
     assert all(math.isfinite(e["train_loss"]) for e in result.history)
     assert result.history[-1]["val_mae"] < result.history[0]["val_mae"]
     assert model.proj.weight.dtype == torch.float32  # autocast never changes the stored weights
+
+
+def test_the_starting_weights_are_a_candidate_so_fitting_never_ends_worse_on_validation(bundle):
+    """A good model that training only degrades (a too large lr) comes back as it started."""
+    good = _model()
+    fit(good, bundle, TrainConfig(epochs=[15], lrs=[3e-2], batch_size=32), seed=0)  # a trained start
+    before = {k: v.clone() for k, v in good.state_dict().items()}
+    start = evaluate(good, bundle, "val")
+    result = fit(good, bundle, TrainConfig(epochs=[2], lrs=[5.0], weight_decay=0.0, clip_grad=None), seed=1)
+    assert result.start_val["mae"] == pytest.approx(start["mae"])
+    assert all(e["val_mae"] > start["mae"] for e in result.history)  # every epoch was worse ...
+    assert result.best_epoch == 0 and result.best_val_mae == pytest.approx(start["mae"])  # ... so the start stays
+    assert all(torch.equal(before[k], v) for k, v in good.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: WAPE, counts, the MAPE floor, null_value None, lead-time names (issue 10)
+# ---------------------------------------------------------------------------------------------
+
+_PER_STEP = ("mae", "rmse", "mape", "wape")
+
+
+def _direct_test_errors(bundle):
+    """|Constant(0) - y| and y over every test label (raw, float64): the scaled 0 is the train mean."""
+    _, y = bundle.batch(bundle.window_starts("test"))
+    y = y.double()
+    mean = torch.tensor(bundle.scaler.mean, dtype=torch.float32).double()
+    return (y - mean).abs(), y
+
+
+def test_evaluate_reports_wape_counts_and_lead_time_names(bundle):
+    metrics = evaluate(Constant(0.0), bundle, "test", batch_size=10)
+    names = ("h3", "h6", "h12", "15min", "30min", "60min")  # 5-minute sampling, T_out = 12
+    assert set(metrics) == ({"count", "mape_count"} | set(_PER_STEP)
+                            | {f"{m}_{h}" for m in _PER_STEP for h in names})
+    err, y = _direct_test_errors(bundle)
+    assert metrics["count"] == metrics["mape_count"] == 57 * 12 * 6  # synthetic speeds are all far above 1
+    assert metrics["wape"] == pytest.approx(100 * err.sum().item() / y.abs().sum().item(), rel=1e-9)
+    assert metrics["wape_60min"] == pytest.approx(100 * err[:, 11].sum().item() / y[:, 11].abs().sum().item(),
+                                                  rel=1e-9)
+    for m in _PER_STEP:
+        assert (metrics[f"{m}_15min"], metrics[f"{m}_30min"], metrics[f"{m}_60min"]) == (
+            metrics[f"{m}_h3"], metrics[f"{m}_h6"], metrics[f"{m}_h12"])
+
+
+def test_evaluate_names_lead_times_at_15_minutes_with_4_steps():
+    quarter = synthetic_bundle(num_nodes=4, num_steps=300, seed=1, t_out=4, interval_minutes=15.0)
+    metrics = evaluate(_model(t_out=4), quarter, "test")
+    steps = {k for k in metrics if k.startswith("mae_")}
+    assert steps == {"mae_h3", "mae_h4", "mae_45min", "mae_60min"}  # 6 and 12 clip to step 4, reported once
+    assert metrics["mae_60min"] == metrics["mae_h4"]
+
+
+def test_evaluate_uses_the_bundle_mape_floor(bundle):
+    floored = copy.copy(bundle)
+    floored.mape_floor = 50.0  # raw units: about half the synthetic readings are below
+    metrics = evaluate(Constant(0.0), floored, "test")
+    err, y = _direct_test_errors(bundle)
+    keep = y.abs() >= 50.0
+    assert 0 < metrics["mape_count"] == int(keep.sum()) < metrics["count"] == y.numel()
+    assert metrics["mape"] == pytest.approx(100 * (err[keep] / y[keep].abs()).mean().item(), rel=1e-9)
+    assert metrics["mae"] == pytest.approx(evaluate(Constant(0.0), bundle, "test")["mae"], rel=1e-12)
+
+
+def test_evaluate_with_null_value_none_keeps_zero_readings(bundle):
+    zeros = copy.copy(bundle)
+    zeros.target = bundle.target.clone()
+    lo, hi = bundle.splits["test"]
+    zeros.target[lo:hi, 0] = 0.0  # node 0 reads a real 0 throughout the test split
+    _, y = zeros.batch(zeros.window_starts("test"))
+    n_zero = int((y == 0).sum())
+    assert n_zero == 57 * 12  # every label of node 0
+    as_missing = evaluate(Constant(0.0), zeros, "test")  # null_value 0.0: the zeros are missing
+    zeros.null_value = None
+    as_readings = evaluate(Constant(0.0), zeros, "test")
+    assert as_missing["count"] == 57 * 12 * 5 and as_readings["count"] == 57 * 12 * 6
+    assert as_readings["mape_count"] == as_missing["mape_count"] == 57 * 12 * 5  # a 0 is below any floor
+    err, y = _direct_test_errors(zeros)  # the zeros add |mean - 0| each to sum |e| and nothing to sum |y|
+    assert as_readings["mae"] == pytest.approx(err.mean().item(), rel=1e-9)
+    assert as_readings["wape"] == pytest.approx(100 * err.sum().item() / y.abs().sum().item(), rel=1e-9)
+    assert as_readings["wape"] > as_missing["wape"]
+    assert as_readings["mape"] == pytest.approx(as_missing["mape"], rel=1e-12)

@@ -27,6 +27,13 @@ def _store(tmp_path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def _uri(tmp):
+    """MLflow's fluent API pointed at the test store for the block (and $MLFLOW_TRACKING_URI put back after)."""
+    from graphtune.tracking.store import _global_tracking_uri
+
+    return _global_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+
+
 def _all_runs(client: MlflowClient):
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
@@ -93,6 +100,24 @@ def test_nested_run_structure(tracked):
     assert s1["peak_rss_mb"] >= 0 and s1["flops"] > 0 and s1["transfer_share"] == 1.0
     assert "source_model.pt" in {a.path for a in client.list_artifacts(stages[0].info.run_id)}
     # per-epoch metrics with steps inside a budget run; the transfer curve with step = percent of data
+    # the MLflow UI: the experiment opens on its runs, params are resolved values, datasets and models are logged
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert not [k for k, v in p.params.items() if v in ("", "''")], "a param logged as an empty string"
+    assert p.params["experiment.name"] == parent.info.run_name and p.params["experiment.device"] == "cpu"
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in parent.inputs.dataset_inputs}
+    assert inputs == {("metr-la-west", "source"), ("metr-la-east", "target")}
+    assert all(len(d.dataset.digest) == 16 for d in parent.inputs.dataset_inputs)
+    assert [d.dataset.name for d in stages[1].inputs.dataset_inputs] == ["metr-la-east"]
+    import mlflow
+
+    with _uri(tmp):
+        logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert sorted(m.source_run_id for m in logged) == sorted(s.info.run_id for s in stages)
+    for b in budgets:  # each budget point's own cost
+        assert {"train_flops", "steps", "samples", "peak_rss_mb", "wall_time_s"} <= set(b.data.metrics)
+        assert b.data.metrics["train_flops"] > 0
     b0 = budgets[0].data.metrics
     assert b0["data/windows"] < budgets[1].data.metrics["data/windows"] and b0["data/days"] > 0
     history = client.get_metric_history(budgets[0].info.run_id, "epoch/val_mae")
@@ -147,7 +172,7 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch):
     (["--fractions", "0.5,1.5"], "fractions"),
     (["--fractions", "0"], "fractions"),
     (["--datasets", "metr-la-west", "--fractions", "0.5"], "transfer-only"),
-    (["--epochs", "1,2,3"], "train.epochs"),
+    (["--epochs", "1,0"], "train.epochs"),
     (["--model", "transformerxl"], "unknown model 'transformerxl'"),
     (["--datasets", "metr-la-west,atlantis"], "unknown city 'atlantis'"),
     (["--set", "transfer.fewshot_mode=some"], "fewshot_mode"),
@@ -327,3 +352,25 @@ def test_scratch_ranks_below_full_transfer_and_ha_below_a_better_model(tmp_path,
     assert full["rank"] < ha["rank"] and ha["score_mean"] == 0.0
     # GraphTune-lite's within-run S_uep, still logged as it was, ranked these the other way round
     assert scr["S_uep"] > full["S_uep"]
+
+
+def test_finetune_from_a_registered_model(tmp_path, monkeypatch):
+    """A stage's model is an MLflow model: once registered, `--from models:/NAME/VERSION` fine-tunes from it."""
+    import mlflow
+
+    monkeypatch.chdir(REPO)
+    r = _invoke("pretrain", "--city", "metr-la-west", *FAST, "--output-dir", str(tmp_path / "pre"))
+    assert r.exit_code == 0, r.output
+    client = _store(tmp_path)
+    stage = next(run for run in _all_runs(client) if run.data.tags.get("graphtune.kind") == "stage")
+    with _uri(tmp_path):
+        (model,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{stage.info.run_id}'",
+                                               experiment_ids=[stage.info.experiment_id], output_format="list")
+        version = mlflow.register_model(model.model_uri, "west-baseline")
+    r = _invoke("finetune", "--from", f"models:/west-baseline/{version.version}", "--datasets", "metr-la-east",
+                *FAST, "--fractions", "0.3", "--no-tracking", "--output-dir", str(tmp_path / "ft"))
+    assert r.exit_code == 0, r.output
+    ft = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert ft["stages"][0]["transfer"]["transferred"] is True
+    r = CliRunner().invoke(cli, ["finetune", "--from", "models:/west-baseline/7", "--datasets", "metr-la-east", *FAST])
+    assert r.exit_code == 2 and "no registered model models:/west-baseline/7" in r.output, r.output

@@ -22,6 +22,7 @@ from graphtune.data.loaders import (
     read_locations,
     read_series,
 )
+from graphtune.data.graph import component_labels, graph_stats, spectral_coordinates
 from graphtune.errors import ConfigError, DataError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -31,6 +32,7 @@ LA_LOCATIONS = SAMPLE / "metr-la-week" / "graph_sensor_locations.csv"
 BAY_PKL = SAMPLE / "pems-bay-graph" / "adj_mx_bay.pkl"
 BAY_DISTANCES = SAMPLE / "pems-bay-graph" / "distances_bay_2017.csv"
 BAY_LOCATIONS = SAMPLE / "pems-bay-graph" / "graph_sensor_locations_bay.csv"
+MONTEVIDEO = SAMPLE / "montevideo-bus"
 
 
 def assert_data_error(call, path, pattern: str) -> str:
@@ -335,6 +337,85 @@ def test_edges_warn_about_sensors_without_any_distance(tmp_path):
     with pytest.warns(UserWarning, match="1 of 4 sensors have no distance at all \\(z\\)"):
         adj, _ = read_graph(tmp_path / "d.csv", sensor_ids=["a", "b", "c", "z"])
     assert not adj[3].any() and not adj[:, 3].any()
+
+
+def test_links_are_a_zero_one_graph_whatever_their_cost(tmp_path):
+    # The same rows as distances would drop the long link c -> d (exp(-(9 / std)^2) < 0.1); as links it stays.
+    (tmp_path / "l.csv").write_text("from,to,cost\na,b,1\nb,c,1\nc,d,9\nx,a,2\n")
+    as_links, ids = read_graph(tmp_path / "l.csv", fmt="links", sensor_ids=["a", "b", "c", "d"])
+    assert ids == ["a", "b", "c", "d"]
+    np.testing.assert_array_equal(as_links, [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])  # directed
+    assert as_links.dtype == np.float32
+    as_distances, _ = read_graph(tmp_path / "l.csv", sensor_ids=["a", "b", "c", "d"])  # from,to,cost -> edges
+    assert as_distances[2, 3] == 0 and as_distances[0, 1] > 0.1
+    (tmp_path / "two.csv").write_text("a,b\nb,c\n")  # two columns, no header, ids from the file
+    two, two_ids = read_graph(tmp_path / "two.csv", fmt="links")
+    assert two_ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(two, [[0, 1, 0], [0, 0, 1], [0, 0, 0]])
+    (tmp_path / "head.csv").write_text("from,to\na,b\n")
+    np.testing.assert_array_equal(read_graph(tmp_path / "head.csv", fmt="links")[0], [[0, 1], [0, 0]])
+    with pytest.warns(UserWarning, match="1 of 3 sensors have no link at all \\(z\\)"):
+        read_graph(tmp_path / "head.csv", fmt="links", sensor_ids=["a", "b", "z"])
+    (tmp_path / "one.csv").write_text("a\nb\n")
+    assert_data_error(lambda: read_graph(tmp_path / "one.csv", fmt="links"), tmp_path / "one.csv",
+                      "expected 2 or 3 columns from,to\\[,cost\\], got 1")
+
+
+def test_the_real_montevideo_links_keep_all_690_as_links_and_321_under_the_kernel():
+    """Why montevideo-bus registers graph_format: links: DCRNN's kernel over its link lengths keeps 321 of 690."""
+    ids = read_series(MONTEVIDEO / "bus_inflow.csv").sensor_ids
+    links, _ = read_graph(MONTEVIDEO / "links.csv", fmt="links", sensor_ids=ids)
+    kernel, _ = read_graph(MONTEVIDEO / "links.csv", sensor_ids=ids)
+    assert graph_stats(links) == {"edges": 690, "isolated": 0, "components": 1}
+    assert graph_stats(kernel) == {"edges": 321, "isolated": 216, "components": 354}
+
+
+# ----------------------------------------------------------------------------- graph facts and spectral positions
+def test_graph_stats_by_hand():
+    adj = np.zeros((6, 6), dtype=np.float32)
+    np.fill_diagonal(adj, 1.0)  # self-loops (DCRNN pickles have them) are not edges
+    adj[0, 1] = adj[1, 0] = 0.5  # a symmetric pair counts twice
+    adj[2, 3] = 0.2  # one direction only: 2 and 3 are weakly connected
+    # nodes 4 and 5: no edge at all
+    assert graph_stats(adj) == {"edges": 3, "isolated": 2, "components": 4}
+    np.testing.assert_array_equal(component_labels(adj), [0, 0, 1, 1, 2, 3])
+    chain = np.zeros((5, 5))
+    chain[4, 3] = chain[3, 2] = chain[1, 2] = chain[1, 0] = 1.0  # directions mixed: one weak component
+    assert graph_stats(chain) == {"edges": 4, "isolated": 0, "components": 1}
+    assert graph_stats(np.zeros((0, 0))) == {"edges": 0, "isolated": 0, "components": 0}
+
+
+def test_graph_stats_of_the_real_metr_la_graph():
+    adj, _ = read_graph(LA_PKL)
+    assert graph_stats(adj) == {"edges": 1515, "isolated": 1, "components": 2}  # 1722 weights - 207 self-loops
+
+
+def test_spectral_coordinates_of_a_path_are_cosines_along_it():
+    # Path 0-1-2-3-4-5, one direction listed: the random-walk Laplacian's eigenvectors are cos(pi k i / 5).
+    adj = np.zeros((6, 6))
+    adj[np.arange(5), np.arange(1, 6)] = 1.0
+    coords = spectral_coordinates(adj)
+    i = np.arange(6)
+    np.testing.assert_allclose(coords[:, 0], np.cos(np.pi * i / 5), atol=1e-12)  # monotone along the path
+    np.testing.assert_allclose(coords[:, 1], np.cos(2 * np.pi * i / 5), atol=1e-12)
+    assert np.all(np.diff(coords[:, 0]) < 0)
+    np.testing.assert_allclose(spectral_coordinates(adj[::-1, ::-1]), coords, atol=1e-12)  # sign: first entry > 0
+    np.testing.assert_allclose(spectral_coordinates(3 * adj + 3 * adj.T), coords, atol=1e-12)  # scale, direction
+
+
+def test_spectral_coordinates_place_components_apart():
+    # Component {0, 1, 2} (a path), the pair {3, 4}, and the lone node 5.
+    adj = np.zeros((6, 6))
+    adj[0, 1] = adj[1, 2] = adj[3, 4] = 1.0
+    coords = spectral_coordinates(adj)
+    # The path: cos(pi i / 2) and cos(pi i), in a box of half-width 1 around 0.
+    np.testing.assert_allclose(coords[:3], [[1, 1], [0, -1], [-1, 1]], atol=1e-12)
+    # The pair: half-width sqrt(2/3), centred after the gap 0.5; a pair has one coordinate only.
+    r2 = math.sqrt(2 / 3)
+    np.testing.assert_allclose(coords[3:5], [[1.5 + 2 * r2, 0], [1.5, 0]], atol=1e-12)
+    # The lone node: at the centre of its box, half-width sqrt(1/3), after the pair's box and the gap.
+    np.testing.assert_allclose(coords[5], [1.5 + 2 * r2 + 0.5 + math.sqrt(1 / 3), 0], atol=1e-12)
+    assert len({tuple(c) for c in coords.round(9)}) == 6  # no two nodes share a position
 
 
 def test_distances_to_adjacency_direct():

@@ -141,7 +141,7 @@ def test_every_option_declares_a_check_that_its_default_passes(name):
     ("dcrnn", {"hidden": True}, "experiment.model_kwargs.hidden: expected an integer >= 1, got True"),
     ("ha", {"slots_per_day": 0}, "experiment.model_kwargs.slots_per_day: expected null or an integer >= 1, got 0"),
     ("hypernet", {"hiden": 8}, "experiment.model_kwargs: model 'hypernet' has no option(s) hiden; "
-                               "its options are: dropout, hidden, profile_bins, prompt_hidden"),
+                               "its options are: dropout, hidden, profile_bins, prompt_hidden, seasonal"),
     ("persistence", {"hidden": 8}, "experiment.model_kwargs: model 'persistence' has no option(s) hidden; "
                                    "its options are: none"),
 ])

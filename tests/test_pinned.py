@@ -4,6 +4,10 @@ The numbers were measured before the strategy interface moved (issue 9), with 1 
 4th training window, seed 0, west -> east, curve (0.3, 1.0) run in full. Tolerance 1e-4 relative: CPUs with
 other vector units round float32 differently; a change of protocol (another window, another seed order,
 another scaler) moves these numbers by percent, not by 1e-4.
+
+Changed on purpose once since (issue 10): `fit` makes the starting weights a candidate for the best state.
+Only dcrnn moved: its one teacher-forced pretraining epoch is worse on (free-running) validation than its
+initialisation, so the pretrained source and everything after it changed.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ PINNED = {
     "hypernet/full": (11.751020522981051, [11.1630084774982, 10.317171116039292], 6.153903247092256, 23832),
     "hypernet/freeze-transferred": (11.751020522981051, [11.614062390453647, 11.63203434180161], 7.044955696384756, 0),
     "hypernet/scratch": (None, [13.126423433800642, 12.642534394759066], 7.988839996963056, 23832),
-    "dcrnn/full": (14.634906582115923, [14.379907923936479, 14.225758591327915], 8.407558256339447, 2337),
-    "dcrnn/freeze-transferred": (14.634906582115923, [14.476368743638146, 14.513639216899167], 8.615243341099074, 0),
+    "dcrnn/full": (14.590287988148917, [14.412012044257732, 14.331345968602392], 8.563922744892869, 2337),
+    "dcrnn/freeze-transferred": (14.590287988148917, [14.467270782263606, 14.501419785815548], 8.727486449270918, 0),
     "dcrnn/scratch": (None, [14.458736038707231, 14.48178913952787], 8.660227563072313, 2337),
     "gwnet/full": (13.041446401854184, [12.99676480112467, 12.9965750558711], 8.934020957700637, 4040),
     "gwnet/freeze-transferred": (13.041446401854184, [13.00005596999275, 13.006635019373034], 8.963394323928474, 2080),

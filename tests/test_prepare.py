@@ -21,12 +21,14 @@ from click.testing import CliRunner
 import graphtune.data.prepare as prep
 from graphtune.cli import cli
 from graphtune.config import PrepareConfig
+from graphtune.data.cities import get_city
 from graphtune.data.prepare import FORMAT_VERSION, prepare_dataset, time_features, write_processed
 from graphtune.errors import ConfigError, DataError, DataNotice
 from graphtune.fileio import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 WEEK = REPO / "data" / "sample" / "metr-la-week"
+MONTEVIDEO = REPO / "data" / "sample" / "montevideo-bus"
 
 
 # ----------------------------------------------------------------------------- the real sample
@@ -66,6 +68,27 @@ def test_geographic_sub_cities_are_induced_subgraphs(week_bundle):
     assert east.scaler != week_bundle.scaler  # each sub-city fits its own scaler on its own training part
 
 
+def test_montevideo_bus_is_prepared_with_its_real_zeros_and_every_link(tmp_path):
+    """The embedded count city: hourly boardings, 80% real zeros (null_value None), 690 links read as 0/1."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataNotice)  # nothing to report: every stop linked, locations known
+        out = write_processed("montevideo-bus", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["shape"] == [744, 675] and meta["interval_minutes"] == 60.0
+    assert (meta["start"], meta["end"]) == ("2020-10-01 00:00:00", "2020-10-31 23:00:00")
+    assert meta["null_value"] is None and meta["missing_share"] == 0.0 and meta["mape_floor"] == 1.0
+    assert meta["graph"] == {"edges": 690, "isolated": 0, "components": 1}
+    assert meta["coords_source"] == "locations" and meta["units"] == "boardings/hour"
+    assert meta["splits"] == {"train": [0, 521], "val": [521, 595], "test": [595, 744]}
+    raw = pd.read_csv(MONTEVIDEO / "bus_inflow.csv", index_col="time")
+    series = np.load(out / "series.npy")
+    np.testing.assert_array_equal(series, raw.to_numpy(np.float32))  # no reading became NaN
+    assert round(float((series == 0).mean()), 4) == 0.8041  # the zeros are kept as readings
+    bundle = prepare_dataset("montevideo-bus", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
+    assert bundle.null_value is None and bundle.mape_floor == 1.0 and bundle.t_in_minutes == 720.0
+    assert bundle.coords.shape == (675, 2) and -35 < bundle.coords[:, 0].min() < bundle.coords[:, 0].max() < -34.5
+
+
 def _digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
@@ -78,7 +101,7 @@ def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["shape"] == [2016, 104] and meta["splits"]["val"] == [1411, 1613]
     assert meta["sources"]["series"]["sha256"].startswith("6b4e7959")
-    assert meta["format_version"] == FORMAT_VERSION == 3
+    assert meta["format_version"] == FORMAT_VERSION == 4
     assert meta["arrays"] == {name: first[name] for name in ("adj.npy", "coords.npy", "series.npy", "time.npy")}
     assert json.loads((out / MANIFEST).read_text()) == {
         "files": ["adj.npy", "coords.npy", "meta.json", "series.npy", "time.npy"], "writer": "graphtune"}
@@ -198,7 +221,7 @@ def test_format_1_folder_is_stale_silently_and_prepare_replaces_it(tmp_path, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataNotice)
         bundle = prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
-    assert calls == [1] and bundle.meta["format_version"] == 3
+    assert calls == [1] and bundle.meta["format_version"] == 4
     assert _digest(out) == old_files  # stale is not damaged: the prepare stage rewrites it, not a reader
     write_processed("metr-la-east", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)
     assert _digest(out) == good_files
@@ -412,3 +435,192 @@ def test_a_city_entry_change_makes_its_processed_folder_stale(tmp_path, monkeypa
     changed = prepare_dataset("toy", settings, root=tmp_path, cities={"toy": {**entry, "null_value": first_reading}})
     assert calls == [1]  # stale: the new null value is applied to the raw readings
     assert bool(torch.isnan(changed.target[0, 0]))
+
+
+# ----------------------------------------------------------------------------- count cities: real zeros, null values
+def _prepare_cli(params: Path, *extra):
+    return CliRunner().invoke(cli, ["prepare", "--city", "toy", "--params", str(params), *extra])
+
+
+def _zero_columns(df: pd.DataFrame, folder: Path, columns: list[str]) -> pd.DataFrame:
+    """Set whole sensors to 0 (a share of the readings known by hand: one of 4 columns = 25%)."""
+    df = df.copy()
+    df[columns] = 0.0
+    df.to_csv(folder / "series.csv")
+    return df
+
+
+def test_null_value_null_keeps_every_zero_as_a_reading(tmp_path):
+    df = _zero_columns(_write_city(tmp_path / "raw"), tmp_path / "raw", ["s0", "s1", "s2"])  # 75% zeros
+    params = _params(tmp_path, tmp_path / "raw", null_value=None, units="vehicles/hour")
+    result = _prepare_cli(params)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "processed" / "toy"
+    assert result.output.strip() == (f"prepared toy -> {out}: 300 steps x 4 nodes, 15 min, 0% of readings missing, "
+                                     f"3 edges, 0 isolated nodes, 1 connected component")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["null_value"] is None and meta["missing_share"] == 0.0
+    city = yaml.safe_load(params.read_text())["cities"]
+    bundle = prepare_dataset("toy", PrepareConfig(processed_dir=str(tmp_path / "processed")), root=tmp_path,
+                             cities=city)
+    assert bundle.null_value is None
+    np.testing.assert_array_equal(bundle.target.numpy(), df.to_numpy(np.float32))  # every 0 is a reading
+    assert bundle.scaler.mean == pytest.approx(df.to_numpy()[:210].mean(), rel=1e-6)  # zeros count in the scaler
+
+
+def test_null_value_null_with_nan_as_missing_treats_only_nan_as_missing(tmp_path):
+    df = _zero_columns(_write_city(tmp_path / "raw"), tmp_path / "raw", ["s0"])
+    df.iloc[:30, 1] = np.nan  # 30 of 1200 readings
+    df.to_csv(tmp_path / "raw" / "series.csv")
+    entry = {"directory": "raw", "series": "series.csv", "graph": "adj.csv", "graph_format": "dense",
+             "locations": "locations.csv", "null_value": None, "nan_as_missing": True}
+    bundle = prepare_dataset("toy", root=tmp_path, cities={"toy": entry}, use_processed=False)
+    assert bundle.meta["missing_share"] == 0.025 and bundle.null_value is None
+    assert int(torch.isnan(bundle.target).sum()) == 30 and bool((bundle.target[:, 0] == 0).all())
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw", null_value=None))  # NaN, nan_as_missing unset
+    assert msg == (f"graphtune: error: {tmp_path / 'raw' / 'series.csv'}: contains 30 NaN values; if they mark "
+                   f"missing readings, set nan_as_missing: true for city toy")
+
+
+def test_an_unstated_null_value_that_hides_most_readings_is_refused(tmp_path):
+    df = _write_city(tmp_path / "raw")
+    _zero_columns(df, tmp_path / "raw", ["s0", "s1"])  # 50% zeros
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"))
+    assert msg == ("graphtune: error: city toy: 50% of readings equal the null value 0 and would be treated as "
+                   "missing; if zeros are real readings set null_value: null, or set null_value: 0 explicitly to "
+                   "confirm")
+    # Stating the null value, even the default 0, confirms it: the zeros are then missing readings.
+    result = _prepare_cli(_params(tmp_path, tmp_path / "raw", null_value=0))
+    assert result.exit_code == 0, result.output
+    assert "50% of readings missing" in result.output
+    meta = json.loads((tmp_path / "processed" / "toy" / "meta.json").read_text())
+    assert meta["null_value"] == 0 and meta["missing_share"] == 0.5
+    # Below the threshold (25% <= 30%) an unstated 0 stays the missing marker, as in the DCRNN data.
+    _zero_columns(df, tmp_path / "raw", ["s0"])
+    result = _prepare_cli(_params(tmp_path, tmp_path / "raw"))
+    assert result.exit_code == 0 and "25% of readings missing" in result.output, result.output
+    assert prep.MISSING_CONFIRM_SHARE == 0.30
+
+
+def test_a_sub_city_takes_its_parents_stated_null_value(tmp_path):
+    spec = get_city("east-copy", {"east-copy": {"subset": {"parent": "montevideo-bus", "side": "east"}}})
+    assert spec.null_value is None and spec.null_value_stated and spec.units == "boardings/hour"
+    assert spec.graph_format == "links" and spec.interval_minutes == 60
+
+
+# ----------------------------------------------------------------------------- graphs: isolated nodes, no locations
+def _edge_city(tmp_path: Path, graph_format: str = "edges") -> Path:
+    """Five sensors on a chain s0 -> s1 -> s2 -> s3 -> s4 whose last link is long: lengths 1, 1, 1, 100.
+
+    DCRNN's kernel: std of {1, 1, 1, 100} = 42.87, so the long link weighs exp(-(100 / 42.87)^2) = 0.004 < 0.1
+    and s4 is left without an edge; the short ones weigh exp(-(1 / 42.87)^2) = 0.9995.
+    """
+    _write_city(tmp_path / "raw", n=5)
+    (tmp_path / "raw" / "links.csv").write_text("from,to,cost\ns0,s1,1\ns1,s2,1\ns2,s3,1\ns3,s4,100\n")
+    return _params(tmp_path, tmp_path / "raw", graph="links.csv", graph_format=graph_format)
+
+
+def test_a_kernel_that_isolates_nodes_is_reported_with_the_option_to_change(tmp_path):
+    params = _edge_city(tmp_path)
+    with pytest.warns(DataNotice) as record:
+        result = _prepare_cli(params)
+    assert result.exit_code == 0, result.output
+    assert _notices(record) == [
+        "city toy: 1 of 5 nodes (20%) have no edge after the kernel threshold prepare.normalized_k=0.1; lower it "
+        "(e.g. 0.01) or give a 0/1 graph with graph_format: links (every listed link weighs 1)"]
+    out = tmp_path / "processed" / "toy"
+    assert result.output.strip().endswith("3 edges, 1 isolated nodes, 2 connected components")
+    assert json.loads((out / "meta.json").read_text())["graph"] == {"edges": 3, "isolated": 1, "components": 2}
+    # Either fix named in the notice keeps the link: a lower threshold, or 0/1 links.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataNotice)
+        assert _prepare_cli(params, "--set", "prepare.normalized_k=0.001").exit_code == 0
+        assert json.loads((out / "meta.json").read_text())["graph"] == {"edges": 4, "isolated": 0, "components": 1}
+        assert _prepare_cli(_edge_city(tmp_path, "links")).exit_code == 0
+    np.testing.assert_array_equal(np.load(out / "adj.npy"), np.eye(5, k=1))
+
+
+def test_a_graph_file_that_isolates_nodes_is_reported(tmp_path):
+    _write_city(tmp_path / "raw", n=5)
+    np.savetxt(tmp_path / "raw" / "adj.csv", np.eye(5), delimiter=",")  # self-loops only: every node alone
+    with pytest.warns(DataNotice) as record:
+        prepare_dataset("toy", root=tmp_path, use_processed=False,
+                        cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
+                                        "graph_format": "dense", "locations": "locations.csv"}})
+    assert _notices(record) == [
+        f"city toy: 5 of 5 nodes (100%) have no edge in {tmp_path / 'raw' / 'adj.csv'}; models see an isolated node "
+        f"only through its own readings: check the file, or give one that links them"]
+
+
+def test_a_city_without_locations_gets_spectral_coordinates(tmp_path):
+    _write_city(tmp_path / "raw")  # its graph: the path s0 - s1 - s2 - s3 (weights 0.5) plus self-loops
+    params = _params(tmp_path, tmp_path / "raw", locations=None)
+    with pytest.warns(DataNotice) as record:
+        result = _prepare_cli(params)
+    assert result.exit_code == 0, result.output
+    assert _notices(record) == [
+        "city toy: no locations file, so node positions are spectral coordinates of the graph (coords_source: "
+        "spectral); give locations (sensor_id, latitude, longitude) for real positions"]
+    out = tmp_path / "processed" / "toy"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["coords_source"] == "spectral" and "coords.npy" in meta["arrays"]
+    i = np.arange(4)  # a path's random-walk eigenvectors: cos(pi k i / 3), k = 1, 2
+    np.testing.assert_allclose(np.load(out / "coords.npy"), np.column_stack([np.cos(np.pi * i / 3),
+                                                                            np.cos(2 * np.pi * i / 3)]), atol=1e-12)
+    bundle = prepare_dataset("toy", PrepareConfig(processed_dir=str(tmp_path / "processed")), root=tmp_path,
+                             cities=yaml.safe_load(params.read_text())["cities"])
+    np.testing.assert_array_equal(bundle.coords, np.load(out / "coords.npy"))
+    with_locations = prepare_dataset("toy", root=tmp_path, use_processed=False,
+                                     cities={"toy": {"directory": "raw", "series": "series.csv", "graph": "adj.csv",
+                                                     "graph_format": "dense", "locations": "locations.csv"}})
+    assert with_locations.meta["coords_source"] == "locations"
+
+
+# ----------------------------------------------------------------------------- MAPE floor
+def test_mape_floor_reaches_meta_and_bundle_and_defaults_to_one(tmp_path):
+    _write_city(tmp_path / "raw")
+    entry = {"directory": "raw", "series": "series.csv", "graph": "adj.csv", "graph_format": "dense",
+             "locations": "locations.csv"}
+    settings = PrepareConfig(processed_dir=str(tmp_path / "processed"))
+    default = prepare_dataset("toy", settings, root=tmp_path, cities={"toy": entry})
+    assert default.mape_floor == 1.0 and default.meta["mape_floor"] == 1.0
+    write_processed("toy", settings, root=tmp_path, cities={"toy": {**entry, "mape_floor": 5}})
+    floored = prepare_dataset("toy", settings, root=tmp_path, cities={"toy": {**entry, "mape_floor": 5}})
+    assert floored.mape_floor == 5.0 and isinstance(floored.mape_floor, float)
+    assert json.loads((tmp_path / "processed" / "toy" / "meta.json").read_text())["mape_floor"] == 5.0
+    with pytest.raises(ConfigError, match=r"^cities.toy.mape_floor: expected a finite number >= 0, got -1$"):
+        prepare_dataset("toy", settings, root=tmp_path, cities={"toy": {**entry, "mape_floor": -1}})
+
+
+# ----------------------------------------------------------------------------- windows as durations
+def test_windows_given_as_durations_follow_each_citys_interval(tmp_path):
+    _write_city(tmp_path / "raw", freq="15min")
+    params = _params(tmp_path, tmp_path / "raw")
+    result = _prepare_cli(params, "--set", "prepare.t_in=1h", "--set", "prepare.t_out=30min")
+    assert result.exit_code == 0, result.output
+    city = yaml.safe_load(params.read_text())["cities"]
+    bundle = prepare_dataset("toy", PrepareConfig(processed_dir=str(tmp_path / "processed"), t_in="1h",
+                                                  t_out="30min"), root=tmp_path, cities=city)
+    assert (bundle.t_in, bundle.t_out) == (4, 2)  # 60 / 15 and 30 / 15 steps
+    assert (bundle.t_in_minutes, bundle.t_out_minutes) == (60.0, 30.0)
+    assert bundle.meta["windows"] == {"t_in": 4, "t_out": 2, "t_in_minutes": 60.0, "t_out_minutes": 30.0}
+    assert "windows" not in json.loads((tmp_path / "processed" / "toy" / "meta.json").read_text())
+    x, y = bundle.batch(bundle.window_starts("train")[:2])
+    assert x.shape == (2, 4, 4, 3) and y.shape == (2, 2, 4)
+    week = prepare_dataset("metr-la-week", PrepareConfig(t_in="1h", t_out=3), root=REPO, use_processed=False)
+    assert (week.t_in, week.t_out) == (12, 3) and week.meta["windows"]["t_out_minutes"] == 15.0
+
+
+def test_a_duration_that_is_not_whole_steps_is_one_line(tmp_path):
+    _write_city(tmp_path / "raw", freq="1h")
+    msg = _run_bad(tmp_path, _params(tmp_path, tmp_path / "raw"), "--set", "prepare.t_in=90min")
+    assert msg == ("graphtune: error: prepare.t_in: '90min' is 1.5 steps of city toy's 60-minute interval, not a "
+                   "whole number; give a multiple of 60 min or a number of steps")
+
+
+@pytest.mark.parametrize("value", ["12", "soon", "-1h", "0min", "", 0, 2.5, True])
+def test_bad_window_lengths_name_the_option(value):
+    with pytest.raises(ConfigError) as info:
+        prepare_dataset("metr-la-week", PrepareConfig(t_out=value), root=REPO)
+    assert str(info.value) == (f'prepare.t_out: expected an integer number of steps >= 1 or a duration such as '
+                               f'"1h", "90min", "2d", got {value!r}')

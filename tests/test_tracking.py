@@ -213,8 +213,10 @@ def test_nested_structure_params_metrics_artifacts(store, tmp_path):
         "note": "x" * MAX_PARAM_VALUE,
     }
 
-    # Metrics: None and NaN skipped; the history has one point per epoch at step = epoch.
-    assert parent.data.metrics == {"S_uep": 0.75, "final_test_mae": 2.5}
+    # Metrics: None skipped, NaN logged as NaN; the history has one point per epoch at step = epoch.
+    metrics = dict(parent.data.metrics)
+    assert math.isnan(metrics.pop("nan"))
+    assert metrics == {"S_uep": 0.75, "final_test_mae": 2.5}
     losses = client.get_metric_history(stage0_id, "train/loss")
     assert sorted((m.step, m.value) for m in losses) == [(0, 1.0), (1, 0.5), (2, 1.0 / 3.0)]
     maes = client.get_metric_history(stage0_id, "train/val_mae")
@@ -455,3 +457,25 @@ def test_system_metrics_on_the_parent_only(store, monkeypatch):
     assert "system/system_memory_usage_megabytes" in parent_metrics
     assert not any(key.startswith("system/") for key in client.get_run(stage_id).data.metrics)
     assert math.isfinite(parent_metrics["system/cpu_utilization_percentage"])
+
+
+def test_non_finite_metrics_are_logged_as_nan_never_as_float_max(store):
+    """MLflow's sqlite store writes inf as 1.797e308; NaN round-trips. Both read back as NaN here."""
+    tracker = Tracker()
+    values = {"nan": float("nan"), "inf": float("inf"), "neg_inf": float("-inf"), "np_inf": np.float32(np.inf),
+              "t_nan": torch.tensor(float("nan")), "finite": 1.5, "missing": None}
+    with tracker.run("exp") as run_id:
+        tracker.log_metrics(values, step=3)
+        tracker.log_history([{"epoch": 1, "loss": float("inf")}, {"epoch": 2, "loss": float("nan")},
+                             {"epoch": 3, "loss": 0.5}], prefix="train/")
+    client = MlflowClient(store)
+    logged = client.get_run(run_id).data.metrics
+    assert set(logged) == {"nan", "inf", "neg_inf", "np_inf", "t_nan", "finite", "train/loss"}
+    assert logged["finite"] == 1.5
+    for key in ("nan", "inf", "neg_inf", "np_inf", "t_nan"):
+        assert math.isnan(logged[key]), (key, logged[key])
+        [point] = client.get_metric_history(run_id, key)
+        assert point.step == 3 and math.isnan(point.value)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert [step for step, _ in history] == [1, 2, 3]
+    assert math.isnan(history[0][1]) and math.isnan(history[1][1]) and history[2][1] == 0.5

@@ -289,12 +289,14 @@ def format_number(value: Any) -> str:
     """A number for a table cell: 4 significant digits, whole numbers from 1000 up, "-" if missing.
 
     0.70710 -> "0.7071", 3.01234 -> "3.012", 123.456 -> "123.5", 1234.5 -> "1234", 123456.0 -> "123456".
+    None, NaN, +/-inf and +/-1.797e308 (how MLflow's SQL stores write an infinite metric, so runs
+    logged before NaN replaced inf read back as it) are "-": no measurement, not a 309-digit number.
     """
     if _is_missing(value):
         return "-"
     number = float(value)
-    if math.isinf(number):
-        return "inf" if number > 0 else "-inf"
+    if not math.isfinite(number) or abs(number) >= 1.7976931348623157e308:  # sys.float_info.max
+        return "-"
     if abs(number) >= 1000:
         return f"{number:.0f}"
     return f"{number:.4g}"

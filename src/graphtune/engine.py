@@ -31,18 +31,21 @@ class FitResult:
     """What `fit` returns. The model itself already holds `best_state` when fit returns."""
 
     best_state: dict  # state_dict copy of the best-on-validation epoch (tensors on the training device)
-    best_epoch: int  # 1-based; 0 when nothing was trained
+    best_epoch: int  # 1-based; 0 = the starting weights stayed best on validation (or nothing was trained)
     history: list[dict] = field(default_factory=list)  # one dict per epoch, see `fit`
     train_time_s: float = 0.0  # time in training steps only (synchronized on CUDA at epoch ends)
     val_time_s: float = 0.0  # time in the per-epoch validations
     fit_time_s: float = 0.0  # wall time of the whole fit: steps, validations, checkpoint copies
+    start_val: dict | None = None  # validation metrics of the starting weights (a candidate like every epoch)
     stopped_reason: str = "completed"  # completed | early_stopping | time_budget | no_trainable_parameters
     steps: int = 0  # optimizer steps taken in total
     samples: int = 0  # training windows processed in total (the batch sizes of all steps summed)
 
     @property
     def best_val_mae(self) -> float:
-        return self.history[self.best_epoch - 1]["val_mae"] if self.best_epoch else math.nan
+        if self.best_epoch:
+            return self.history[self.best_epoch - 1]["val_mae"]
+        return self.start_val["mae"] if self.start_val else math.nan
 
 
 @torch.no_grad()
@@ -50,13 +53,17 @@ def evaluate(model: nn.Module, bundle: DatasetBundle, split: str, *, batch_size:
              starts: torch.Tensor | None = None) -> dict[str, float]:
     """Masked metrics of `model` on `split` (or on the windows `starts`), in raw units.
 
-    Returns MetricAccumulator.compute(): mae, rmse, mape (percent), and the same at horizons 3/6/12.
-    The model is moved to `device`; its train/eval mode is restored afterwards. The batch size changes
-    memory, not the metrics.
+    Returns MetricAccumulator.compute() with the bundle's null_value (None: only NaN is missing),
+    mape_floor and sampling interval: mae, rmse, mape and wape (both percent), count and mape_count,
+    then the four metrics at each step of metrics.report_steps (3/6/12 clipped to T_out) under two
+    names, by step ("mae_h3") and by lead time in minutes ("mae_15min" at 5-minute sampling; see
+    metrics.horizon_names). The model is moved to `device`; its train/eval mode is restored
+    afterwards. The batch size changes memory, not the metrics.
     """
     was_training = model.training
     model.to(device).eval()
-    acc = MetricAccumulator(null_value=bundle.null_value)
+    acc = MetricAccumulator(null_value=bundle.null_value, mape_floor=getattr(bundle, "mape_floor", 1.0),
+                            interval_minutes=bundle.interval_minutes)
     for x, y in bundle.loader(split, batch_size=batch_size, starts=starts):
         pred = model(x.to(device))  # (B, T_out, N) scaled
         acc.update(bundle.scaler.inverse_transform(pred.float()), y.to(device))
@@ -87,6 +94,9 @@ def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: i
     or inf (checked once per epoch, where validation synchronizes anyway; the steps stay sync-free), and
     DataError before training when the val split has no window or no observed label to validate on.
 
+    The starting weights are evaluated on validation first and are a candidate for the best state: when no
+    epoch improves on them, `best_epoch` is 0 and the model is left as it started.
+
     Same seed, same data, same device (CPU) -> identical history.
     """
     epochs, lr = train.epochs_at(stage, n_stages), train.lr_at(stage, n_stages)
@@ -104,8 +114,11 @@ def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: i
     _require_val_labels(bundle)
     steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
     bar = tqdm(total=epochs * steps_per_epoch, disable=not _show_progress(progress), unit="step", leave=False)
-    result = FitResult(best_state=_copy_state(model), best_epoch=0)
-    best_key, stale = math.inf, 0
+    # The starting weights are a candidate like every epoch: fine-tuning never returns a state that is worse on
+    # validation than the one it started from (a transferred model that training only degrades stays as it was).
+    start_val = evaluate(model, bundle, "val", batch_size=train.batch_size, device=device)
+    result = FitResult(best_state=_copy_state(model), best_epoch=0, start_val=start_val)
+    best_key, stale = (start_val["mae"] if math.isfinite(start_val["mae"]) else math.inf), 0
     try:
         for epoch in range(1, epochs + 1):
             epoch_start = _clock(device)
@@ -129,7 +142,7 @@ def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: i
             result.train_time_s += entry["train_time_s"]
             result.val_time_s += entry["val_time_s"]
             bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
-            if result.best_epoch == 0 or val["mae"] < best_key:
+            if val["mae"] < best_key:
                 result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, val["mae"], 0
             else:
                 stale += 1
@@ -206,8 +219,9 @@ def _require_val_labels(bundle: DatasetBundle) -> None:
     # every val label: the targets of the first window through those of the last (evaluation uses stride 1)
     labels = bundle.target[int(starts[0]) + bundle.t_in : int(starts[-1]) + bundle.t_in + bundle.t_out]
     if not bool(valid_mask(labels, bundle.null_value).any()):
-        raise DataError(f"{bundle.name}: the val split has no observed readings (every label is missing or "
-                        f"{bundle.null_value:g}), so no epoch can be validated; check the data or prepare.split")
+        missing = "missing" if bundle.null_value is None else f"missing or {bundle.null_value:g}"
+        raise DataError(f"{bundle.name}: the val split has no observed readings (every label is {missing}), "
+                        "so no epoch can be validated; check the data or prepare.split")
 
 
 def _require_finite(entry: dict, name: str, lr: float, clip_grad: float | None) -> None:

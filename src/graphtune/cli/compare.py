@@ -10,14 +10,14 @@ from graphtune.cli import cli, load_params, params_option, set_option, user_erro
 @cli.command()
 @params_option
 @set_option
-@click.option("--experiment-name", "experiment_names", multiple=True,
+@click.option("--experiment-name", "--experiment_name", "experiment_names", multiple=True,
               help="MLflow experiment(s) to read (repeatable; default: compare.experiment_names).")
 @click.option("--filter", "filter_string", default=None, help="an MLflow search filter on the parent runs, e.g. "
               "\"params.`experiment.model` = 'gwnet'\" (default: compare.filter).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="keep runs with this tag (repeatable).")
-@click.option("--parent-run", default=None, help="only this experiment run (a parent run id).")
-@click.option("--output-dir", default=None, help="where leaderboard.csv/.md/.png go (default: compare.output_dir).")
-@click.option("--tracking-uri", default=None, help="MLflow tracking store (default: tracking.tracking_uri, "
+@click.option("--parent-run", "--parent_run", default=None, help="only this experiment run (a parent run id).")
+@click.option("--output-dir", "--output_dir", default=None, help="where leaderboard.csv/.md/.png go (default: compare.output_dir).")
+@click.option("--tracking-uri", "--tracking_uri", default=None, help="MLflow tracking store (default: tracking.tracking_uri, "
               "$MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).")
 @user_errors
 def compare(params_path, overrides, experiment_names, filter_string, tags, parent_run, output_dir, tracking_uri):

@@ -11,6 +11,10 @@ Input channels (C = 3): 0 = scaled value (missing -> 0, i.e. the train mean),
 1 = time of day as a fraction of the day in [0, 1), 2 = day of week 0..6 (Monday = 0).
 Targets stay in raw units with missing readings as NaN, so metrics never have to
 guess whether an inverse-scaled value "is" the null value.
+
+What the metrics need besides the targets: `null_value` (None = only NaN is missing, for cities
+whose zeros are real readings; a number = labels within metrics.NULL_EPS of it are missing too)
+and `mape_floor` (masked MAPE uses only labels with |y| >= it, in raw units).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from graphtune.config import PrepareConfig
+from graphtune.data.cities import DEFAULT_MAPE_FLOOR
 
 SPLITS = ("train", "val", "test")
 _PREPARE = PrepareConfig()  # the one place window defaults live (graphtune.config)
@@ -79,7 +84,8 @@ class DatasetBundle:
     t_out: int = _PREPARE.t_out  # steps ahead per window
     stride: int = _PREPARE.stride  # step between consecutive training windows
     units: str = ""
-    null_value: float = 0.0
+    null_value: float | None = 0.0  # labels equal to it are missing too; None = only NaN is missing
+    mape_floor: float = DEFAULT_MAPE_FLOOR  # masked MAPE leaves out labels with |y| below it (raw units)
     meta: dict = field(default_factory=dict)
     # A view made by `restrict`: the only training windows it allows (None = every window of the split),
     # and what it lets a model or statistic see of the training split (None = all of it).
@@ -98,6 +104,16 @@ class DatasetBundle:
     @property
     def in_channels(self) -> int:
         return IN_CHANNELS
+
+    @property
+    def t_in_minutes(self) -> float:
+        """The history a window spans, in minutes (t_in steps at the sampling interval)."""
+        return self.t_in * self.interval_minutes
+
+    @property
+    def t_out_minutes(self) -> float:
+        """How far ahead a window forecasts, in minutes (t_out steps at the sampling interval)."""
+        return self.t_out * self.interval_minutes
 
     @property
     def steps_per_day(self) -> int:

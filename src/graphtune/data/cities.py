@@ -19,17 +19,32 @@ metr-la-west / metr-la-east  Two real sub-cities of metr-la-week split by geogra
             west (longitude below the median) / east (at or above the median), each with the
             induced subgraph of the DCRNN adjacency: 103 and 104 sensors. A cross-region
             transfer with no download.
+montevideo-bus  Embedded real sample (data/sample/montevideo-bus): hourly boardings at 675 bus stops
+            of Montevideo, 744 steps (October 2020), COUNTS whose zeros are real readings
+            (null_value None), 690 directed links between consecutive stops, read as a 0/1 graph.
+            MIT (pytorch_geometric_temporal).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
+from graphtune.checks import boolean, mapping, number, optional, text
 from graphtune.data.fetch import RemoteFile
 from graphtune.errors import ConfigError
 
 ROLES = ("series", "graph", "locations")
 SIDES = ("west", "east")
+
+# Masked MAPE leaves out readings with |y| below the city's `mape_floor` (raw units). The default is one unit
+# of whatever the city measures, for every unit: for speeds (mph, km/h) a reading under 1 is a stopped vehicle
+# or a sensor artefact, whose percentage error explodes (0.3 km/h turns a 2 km/h error into 667%) and says
+# nothing about traffic; for counts (vehicles, boardings) 1 is the smallest non-zero count, so MAPE covers
+# exactly the non-zero counts, the only ones with a percentage error. A city in other units (occupancy as a
+# fraction in [0, 1], say) states its own floor.
+DEFAULT_MAPE_FLOOR = 1.0
 
 _DCRNN_RAW = "https://raw.githubusercontent.com/liyaguang/DCRNN/master/data/sensor_graph"
 _ZENODO_BAY = "https://zenodo.org/records/4263971/files"
@@ -42,17 +57,24 @@ class CitySpec:
     name: str
     directory: str  # folder of the raw files, relative to the project root (or absolute)
     series: RemoteFile  # speeds/flows: h5, csv, npy or npz (T x N [x C])
-    graph: RemoteFile | None = None  # pkl, dense csv/npy, from,to,cost edges; None = kernel on coordinates
+    graph: RemoteFile | None = None  # pkl, dense csv/npy, from,to,cost distances, from,to links; None = coordinates
     locations: RemoteFile | None = None  # sensor_id, latitude, longitude
-    graph_format: str | None = None  # "pkl" | "dense" | "edges" | "coords"; None = from the file suffix
+    # "pkl" | "dense" | "edges" | "links" | "coords"; None = from the file suffix (never "links")
+    graph_format: str | None = None
     series_options: dict = field(default_factory=dict)  # key, timestamp_column, start, interval_minutes
     interval_minutes: float | None = None  # None = inferred from the timestamps
     units: str = ""
-    null_value: float = 0.0  # readings equal to it are missing (the DCRNN convention: 0 = no reading)
+    # Readings equal to it are missing: the DCRNN convention, 0 = no reading. None = no reading is missing
+    # (zeros are real, e.g. counts); NaN then marks the missing ones, with nan_as_missing.
+    null_value: float | None = 0.0
     nan_as_missing: bool = False  # NaN in the series is an error unless the city says it means "missing"
-    facts: dict = field(default_factory=dict)  # shape, date_range, missing_share: the fact block
+    mape_floor: float = DEFAULT_MAPE_FLOOR  # masked MAPE uses only readings with |y| >= it (raw units)
+    facts: dict = field(default_factory=dict)  # shape, date_range, interval_minutes, missing_share, edges
     subset: dict | None = None  # {"parent": city, "side": "west" | "east"}: a geographic sub-city
     description: str = ""
+    # Whether null_value was stated (any value, even 0) rather than left at its default. Not a key of a city
+    # entry: city_from_dict sets it. An unstated 0 that would hide a large share of the readings is refused.
+    null_value_stated: bool = False
 
     def files(self) -> dict[str, RemoteFile]:
         """The city's files by role (series, graph, locations), skipping roles it does not have."""
@@ -63,7 +85,8 @@ REGISTERED: dict[str, CitySpec] = {}
 
 
 def _register(spec: CitySpec) -> None:
-    REGISTERED[spec.name] = spec
+    """Add a reviewed city to the table. Each registration below writes out its null value, so it is stated."""
+    REGISTERED[spec.name] = replace(spec, null_value_stated=True)
 
 
 _register(CitySpec(
@@ -77,8 +100,9 @@ _register(CitySpec(
                          sha256="eb8ea96e07358b45d0e4ba3b89c2673fa20c54af50150249e627389e749ade6f"),
     series_options={"key": "df"},
     units="mph",
+    null_value=0.0,
     facts={"shape": [34272, 207], "date_range": ["2012-03-01 00:00", "2012-06-27 23:55"], "interval_minutes": 5,
-           "missing_share": 0.081},
+           "missing_share": 0.081, "edges": 1515},
     description="Los Angeles County highway loop detectors (DCRNN, ICLR 2018)",
 ))
 
@@ -94,8 +118,9 @@ _register(CitySpec(
     series_options={"key": "speed", "fill_gaps": True},
     nan_as_missing=True,
     units="mph",
+    null_value=0.0,
     facts={"shape": [52116, 325], "date_range": ["2017-01-01 00:00", "2017-06-30 23:55"], "interval_minutes": 5,
-           "missing_share": 0.00003},
+           "missing_share": 0.00003, "edges": 2369},
     description="San Francisco Bay Area PeMS sensors (DCRNN, ICLR 2018)",
 ))
 
@@ -109,8 +134,9 @@ _register(CitySpec(
                          sha256="eb8ea96e07358b45d0e4ba3b89c2673fa20c54af50150249e627389e749ade6f"),
     series_options={"key": "df"},
     units="mph",
+    null_value=0.0,
     facts={"shape": [2016, 207], "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "interval_minutes": 5,
-           "missing_share": 0.0},
+           "missing_share": 0.0, "edges": 1515},
     description="Embedded real sample: the first week of METR-LA (speeds via T-GCN, graph via DCRNN; MIT)",
 ))
 
@@ -123,11 +149,34 @@ for _side in SIDES:
         locations=REGISTERED["metr-la-week"].locations,
         series_options=REGISTERED["metr-la-week"].series_options,
         units="mph",
+        null_value=0.0,
         subset={"parent": "metr-la-week", "side": _side},
         facts={"shape": [2016, 103 if _side == "west" else 104], "interval_minutes": 5, "missing_share": 0.0,
-               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"]},
+               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "edges": 711 if _side == "west" else 683},
         description=f"Embedded real sample: the METR-LA week's sensors {_side} of the median longitude",
     ))
+
+
+_register(CitySpec(
+    name="montevideo-bus",
+    directory="data/sample/montevideo-bus",
+    series=RemoteFile("bus_inflow.csv", sha256="352e62e329555e9204f079c29095e70115d93c016873b3f222c331a76cfca15b"),
+    # 0/1 links, not DCRNN's distance kernel: a link joins two consecutive stops of a bus line, so it is a
+    # connection whatever its length. The kernel (std of the link lengths, threshold 0.1) would drop 369 of the
+    # 690 links, the longer ones, and leave 216 of the 675 stops with no edge.
+    graph=RemoteFile("links.csv", sha256="bdbe9995eaed25b596d82d09d8e0b358a6a23aa6cfb3d15186bd4977be037d68"),
+    locations=RemoteFile("stops.csv", sha256="fbe28e7d669aa418411cad986e2ca1483a3cefffda8aabae39bdca2a27aa3e04"),
+    graph_format="links",
+    series_options={"timestamp_column": "time"},
+    interval_minutes=60,
+    units="boardings/hour",
+    null_value=None,  # 80% of the readings are 0: an hour without a boarding, a real count, not a missing one
+    mape_floor=DEFAULT_MAPE_FLOOR,  # counts: MAPE over the hours with at least one boarding
+    facts={"shape": [744, 675], "date_range": ["2020-10-01 00:00", "2020-10-31 23:00"], "interval_minutes": 60,
+           "missing_share": 0.0, "edges": 690},
+    description="Embedded real sample: hourly boardings at Montevideo bus stops, October 2020 "
+                "(pytorch_geometric_temporal; MIT)",
+))
 
 
 # --------------------------------------------------------------------- user cities
@@ -147,32 +196,58 @@ def _remote(city: str, role: str, value) -> RemoteFile | None:
     )
 
 
+# What a city entry's values must be, checked before anything is read: a wrong type is one line naming the key.
+_ENTRY_CHECKS = {
+    "directory": text(nonempty=True),
+    "graph_format": optional(text(nonempty=True)),  # its value is checked where the graph is read
+    "series_options": mapping(),
+    "interval_minutes": optional(number(min=0, min_open=True)),
+    "units": text(),
+    "null_value": optional(number()),
+    "nan_as_missing": boolean(),
+    "mape_floor": number(min=0),
+    "facts": mapping(),
+    "subset": optional(mapping()),
+    "description": text(),
+}
+# What a sub-city takes from its parent unless its entry says otherwise: the parent's files and how to read them.
+_INHERITED = ("directory", "series", "graph", "locations", "graph_format", "series_options", "interval_minutes",
+              "units", "null_value", "nan_as_missing", "mape_floor")
+
+
 def city_from_dict(name: str, entry: dict) -> CitySpec:
-    """Build a CitySpec from a `cities:` entry of params.yaml.
+    """Build a CitySpec from a `cities:` entry of params.yaml (README "Add a city" lists the keys).
 
     Keys: directory, series, graph, locations (file names, or mappings {name, url, hf_repo, hf_path, sha256}),
-    graph_format, series_options, interval_minutes, units, null_value, nan_as_missing, facts, subset, description.
+    graph_format, series_options, interval_minutes, units, null_value, nan_as_missing, mape_floor, facts, subset,
+    description. A key the entry leaves out takes the CitySpec default, or for a sub-city its parent's value.
+    Stating null_value (even 0) marks it confirmed (`CitySpec.null_value_stated`).
     """
     if not isinstance(entry, dict):
         raise ConfigError(f"cities.{name}: expected a mapping of city keys, got {type(entry).__name__}")
-    allowed = {f.name for f in fields(CitySpec)} - {"name"}
+    allowed = {f.name for f in fields(CitySpec)} - {"name", "null_value_stated"}
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ConfigError(f"cities.{name}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     if "series" not in entry and "subset" not in entry:
         raise ConfigError(f"cities.{name}: a 'series' file is required")
+    for key, check in _ENTRY_CHECKS.items():
+        if key in entry:
+            check(entry[key], f"cities.{name}.{key}")
     entry = dict(entry)
-    if "subset" in entry:
+    stated = "null_value" in entry
+    if entry.get("subset") is not None:
         parent = get_city(entry["subset"].get("parent", ""), {})
-        for key in ("directory", "series", "graph", "locations", "series_options", "units"):
-            entry.setdefault(key, getattr(parent, key))
         if entry["subset"].get("side") not in SIDES:
             raise ConfigError(f"cities.{name}.subset.side: expected one of {', '.join(SIDES)}")
+        stated = stated or parent.null_value_stated
+        for key in _INHERITED:
+            entry.setdefault(key, getattr(parent, key))
     entry.setdefault("directory", f"data/raw/{name}")
     for role in ROLES:
         if not isinstance(entry.get(role), RemoteFile):
             entry[role] = _remote(name, role, entry.get(role))
-    return CitySpec(name=name, **entry)
+    return CitySpec(name=name, null_value_stated=stated, **entry)
 
 
 def get_city(name: str, extra: dict | None = None) -> CitySpec:
@@ -190,29 +265,47 @@ def list_cities(extra: dict | None = None) -> list[str]:
     return sorted(set(REGISTERED) | set(extra or {}))
 
 
+def percent(share: float) -> str:
+    """A share in [0, 1] as a percentage with three significant digits: 0.80413 -> "80.4%", 3e-05 -> "0.003%"."""
+    return f"{100 * share:.3g}%"
+
+
 def city_table(extra: dict | None = None, processed_dir: str = "data/processed", root: str = ".") -> list[dict]:
-    """One row per city for `graphtune cities`: name, shape, interval, description.
+    """One row per city for `graphtune cities`, every value a string ("?" when unknown).
 
-    Shape and interval come from the city's fact block, else from its processed meta.json once `prepare`
-    has run; "?" when neither knows. A bad user entry raises ConfigError naming it.
+    Keys: name, nodes, steps, interval ("5 min"), units, missing (share of readings treated as missing, "8.1%"),
+    edges (directed, self-loops not counted), description. Each value comes from the city's fact block, else
+    from its processed meta.json once `prepare` has run (else, for the interval and the units, from the entry
+    itself); "?" when none of them knows. A bad user entry raises ConfigError naming it.
     """
-    import json
-    from pathlib import Path
-
     rows = []
     for name in list_cities(extra):
         spec = get_city(name, extra)
-        facts = dict(spec.facts)
-        meta_path = Path(root, processed_dir, name, "meta.json")
-        if ("shape" not in facts or "interval_minutes" not in facts) and meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-                facts.setdefault("shape", meta.get("shape"))
-                facts.setdefault("interval_minutes", meta.get("interval_minutes"))
-            except (OSError, ValueError):
-                pass  # an unreadable record only leaves the listing with "?"
-        shape = "x".join(map(str, facts.get("shape") or [])) or "?"
-        minutes = facts.get("interval_minutes") or spec.interval_minutes
-        rows.append({"name": name, "shape": shape, "interval": f"{minutes:g} min" if minutes else "? min",
-                     "description": spec.description})
+        known = {"interval_minutes": spec.interval_minutes, "units": spec.units or None}
+        meta = _processed_meta(Path(root, processed_dir, name, "meta.json"))
+        graph = meta.get("graph") if isinstance(meta.get("graph"), dict) else {}
+        for source in (known, {"shape": meta.get("shape"), "interval_minutes": meta.get("interval_minutes"),
+                               "units": meta.get("units") or None, "missing_share": meta.get("missing_share"),
+                               "edges": graph.get("edges")}, spec.facts):
+            known.update({key: value for key, value in source.items() if value is not None})  # later sources win
+        shape = known.get("shape")
+        steps, nodes = shape if isinstance(shape, (list, tuple)) and len(shape) == 2 else ("?", "?")
+        minutes, share, edges = known.get("interval_minutes"), known.get("missing_share"), known.get("edges")
+        rows.append({
+            "name": name, "nodes": str(nodes), "steps": str(steps),
+            "interval": f"{minutes:g} min" if minutes else "? min",
+            "units": known.get("units") or "?",
+            "missing": percent(share) if isinstance(share, (int, float)) else "?",
+            "edges": str(edges) if edges is not None else "?",
+            "description": spec.description,
+        })
     return rows
+
+
+def _processed_meta(path: Path) -> dict:
+    """The city's processed meta.json as a dict; {} when absent or unreadable (the listing then shows "?")."""
+    try:
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -16,10 +16,14 @@ Graph formats (`read_graph`):
     pkl     DCRNN pickle [sensor_ids, sensor_id_to_ind, adj_mx]
     dense   an (N, N) weight matrix in a header-less csv or an npy file; no ids
     edges   `from,to,cost` road distances (DCRNN's distances_la_2012.csv / distances_bay_2017.csv)
+    links   `from,to` or `from,to,cost` rows read as a 0/1 graph: every listed link weighs 1 and a cost
+            column is ignored; for networks whose links are connections whatever their length (the
+            consecutive stops of a bus line), where a kernel on the length would drop the long ones
     coords  a locations file; weights from the great-circle distance between every pair of sensors
 
-Both distance formats use DCRNN's Gaussian kernel (`distances_to_adjacency`), which reproduces the
-published adj_mx_bay.pkl bit for bit from distances_bay_2017.csv.
+Both distance formats (edges, coords) use DCRNN's Gaussian kernel (`distances_to_adjacency`), which
+reproduces the published adj_mx_bay.pkl bit for bit from distances_bay_2017.csv. The file suffix
+never implies `links`: a from,to,cost csv is read as distances unless the city says graph_format: links.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import pandas as pd
 from graphtune.errors import ConfigError, DataError
 
 SERIES_FORMATS = ("h5", "csv", "npy", "npz")
-GRAPH_FORMATS = ("pkl", "dense", "edges", "coords")
+GRAPH_FORMATS = ("pkl", "dense", "edges", "links", "coords")
 EARTH_RADIUS_KM = 6371.0  # mean Earth radius; the sphere is within 0.5% of the ellipsoid at any latitude
 _PREVIEW = 5  # how many offending ids or values an error message lists
 
@@ -326,15 +330,17 @@ def read_graph(path, *, fmt: str | None = None, sensor_ids=None,
     """Read a sensor graph as an (N, N) float32 weight matrix, row = from, column = to.
 
     Returns (adj, ids): ids in the matrix order, or None for a dense matrix (which has no ids).
-    sensor_ids: for edges and coords, the sensors to build the matrix over, in this order (DCRNN's
-        gen_adj_mx convention: distance rows naming other sensors are ignored); for dense, the
+    fmt: one of GRAPH_FORMATS; None = `graph_format_of(path)`.
+    sensor_ids: for edges, links and coords, the sensors to build the matrix over, in this order (DCRNN's
+        gen_adj_mx convention: rows naming other sensors are ignored); for dense, the
         number of sensors it must have; a pickle keeps its own ids (`align` checks them).
-    normalized_k: kernel weights below it become 0 (0.1 is DCRNN's value for METR-LA and PEMS-BAY).
+    normalized_k: kernel weights below it become 0 (0.1 is DCRNN's value for METR-LA and PEMS-BAY);
+        edges and coords only.
     """
     path = Path(path)
     _check_file(path)
     _check_normalized_k(normalized_k)
-    fmt = fmt or _graph_format(path)
+    fmt = fmt or graph_format_of(path)
     wanted = None if sensor_ids is None else [_sensor_id(s) for s in sensor_ids]
     if fmt == "pkl":
         ids, adj = _read_pickle_graph(path)
@@ -343,6 +349,9 @@ def read_graph(path, *, fmt: str | None = None, sensor_ids=None,
     elif fmt == "edges":
         ids, dist = _read_edges(path, wanted)
         adj = _kernel(path, dist, normalized_k)
+    elif fmt == "links":
+        ids, dist = _read_edges(path, wanted, links=True)
+        adj = np.isfinite(dist).astype(np.float32)  # (N, N): 1 for every listed link, 0 elsewhere
     elif fmt == "coords":
         locations = read_locations(path)
         if wanted is not None:
@@ -368,7 +377,9 @@ def read_graph(path, *, fmt: str | None = None, sensor_ids=None,
     return adj.astype(np.float32, copy=False), ids
 
 
-def _graph_format(path: Path) -> str:
+def graph_format_of(path) -> str:
+    """The graph format of a file that names none: pkl, dense, edges or coords, from its suffix and content."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".pkl", ".pickle"):
         return "pkl"
@@ -456,27 +467,37 @@ def _read_dense(path: Path) -> np.ndarray:
     return frame.to_numpy(dtype=np.float64)
 
 
-def _read_edges(path: Path, sensor_ids: list[str] | None) -> tuple[list[str], np.ndarray]:
+def _read_edges(path: Path, sensor_ids: list[str] | None, links: bool = False) -> tuple[list[str], np.ndarray]:
+    """(ids, (N, N) float32 distances, inf = no link) from from,to,cost rows.
+
+    links=True: the rows are links, not distances: a cost column is optional and ignored (every link
+    gets distance 0, so a caller only reads which entries are finite).
+    """
+    layout = "from,to[,cost]" if links else "from,to,cost"
     try:
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; expected from,to,cost rows") from None
+        raise DataError(f"{path}: the file is empty; expected {layout} rows") from None
     except Exception as exc:
         raise DataError(f"cannot read {path} as csv: {_one_line(exc)}") from None
-    if raw.shape[1] != 3:
-        raise DataError(f"{path}: expected 3 columns from,to,cost, got {raw.shape[1]}")
-    if len(raw) and not _is_float(raw.iloc[0, 2]):
+    if raw.shape[1] not in ((2, 3) if links else (3,)):
+        raise DataError(f"{path}: expected {'2 or 3' if links else '3'} columns {layout}, got {raw.shape[1]}")
+    header = [c.strip().lower() for c in raw.iloc[0, :2]] == ["from", "to"] if len(raw) else False
+    if header or (raw.shape[1] == 3 and len(raw) and not _is_float(raw.iloc[0, 2])):
         raw = raw.iloc[1:]  # a header row such as from,to,cost
     if len(raw) == 0:
-        raise DataError(f"{path}: no edges; expected from,to,cost rows")
+        raise DataError(f"{path}: no edges; expected {layout} rows")
     src = [_sensor_id(s) for s in raw[0]]
     dst = [_sensor_id(s) for s in raw[1]]
-    cost = pd.to_numeric(raw[2].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(cost) | (cost < 0)
-    if bad.any():
-        at = int(np.argmax(bad))
-        raise DataError(f"{path}: cost {raw.iloc[at, 2]!r} on the edge {src[at]} -> {dst[at]}; "
-                        "expected a finite distance >= 0")
+    if links:
+        cost = np.zeros(len(raw))
+    else:
+        cost = pd.to_numeric(raw[2].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(cost) | (cost < 0)
+        if bad.any():
+            at = int(np.argmax(bad))
+            raise DataError(f"{path}: cost {raw.iloc[at, 2]!r} on the edge {src[at]} -> {dst[at]}; "
+                            "expected a finite distance >= 0")
 
     if sensor_ids is None:
         ids = list(dict.fromkeys(s for pair in zip(src, dst) for s in pair))  # order of first appearance
@@ -485,7 +506,8 @@ def _read_edges(path: Path, sensor_ids: list[str] | None) -> tuple[list[str], np
         seen = set(src) | set(dst)
         unseen = [s for s in ids if s not in seen]
         if unseen:
-            warnings.warn(f"{path}: {len(unseen)} of {len(ids)} sensors have no distance at all ({_preview(unseen)}); "
+            what = "link" if links else "distance"
+            warnings.warn(f"{path}: {len(unseen)} of {len(ids)} sensors have no {what} at all ({_preview(unseen)}); "
                           "they are isolated in the graph", stacklevel=3)
     position = pd.Index(ids)
     rows = position.get_indexer(src)

@@ -7,9 +7,11 @@ files otherwise. `write_processed(city)` is the DVC `prepare` stage: it writes
     data/processed/<city>/series.npy   (T, N) float32, raw units, NaN = missing
     data/processed/<city>/time.npy     (T, 2) float32, time of day in [0, 1), day of week 0..6
     data/processed/<city>/adj.npy      (N, N) float32
-    data/processed/<city>/coords.npy   (N, 2) float64 latitude, longitude (absent if unknown)
-    data/processed/<city>/meta.json    shape, interval, split boundaries, null value, scaler, sources,
-                                       and the sha256 of each array file above ("arrays")
+    data/processed/<city>/coords.npy   (N, 2) float64 latitude, longitude; without a locations file,
+                                       spectral coordinates of the graph (meta "coords_source")
+    data/processed/<city>/meta.json    shape, interval, split boundaries, null value, missing share, MAPE
+                                       floor, graph facts, scaler, sources, and the sha256 of each array
+                                       file above ("arrays")
 
 byte-identical when rerun on the same input (npy has no timestamps; JSON keys are sorted).
 The folder is written next to its final place and swapped into it only when complete (see
@@ -21,6 +23,18 @@ from its raw files, which rewrites the folder so the next run reads verified arr
 
 Splits are chronological ranges of time steps (70/10/20 by default); the scaler is fit on the
 training range only; readings equal to the city's null value are missing (NaN in `series.npy`).
+
+What `prepare` checks and reports about a city (one-line errors and DataNotices, facts in meta.json):
+- missing readings: "missing_share". A null value the city entry does not state (the default 0)
+  that would hide more than MISSING_CONFIRM_SHARE of the readings is refused: zeros that common are
+  more likely real readings (counts) than missing ones, so the entry must say which (null_value: null,
+  or null_value: 0 to confirm).
+- the graph: "graph" = {edges, isolated, components} (graphtune.data.graph.graph_stats); more than
+  ISOLATED_NOTICE_SHARE of the nodes without an edge gets a notice naming the option to change.
+- positions: "coords_source" = "locations" (the locations file) or "spectral" (none: coordinates
+  derived from the graph, with a notice).
+- windows: prepare.t_in / t_out in steps or as a duration, resolved with the city's interval; the
+  bundle's meta["windows"] holds the steps and minutes (not meta.json, which windows do not change).
 """
 
 from __future__ import annotations
@@ -35,9 +49,13 @@ import pandas as pd
 import torch
 
 from graphtune.data.bundle import DatasetBundle, Scaler
-from graphtune.data.cities import CitySpec, get_city
+from graphtune.data.cities import CitySpec, get_city, percent
 from graphtune.data.fetch import resolve_file, sha256_file
-from graphtune.data.loaders import align, coordinates_to_adjacency, read_graph, read_locations, read_series
+from graphtune.data.graph import graph_stats, spectral_coordinates
+from graphtune.data.loaders import (
+    align, coordinates_to_adjacency, graph_format_of, read_graph, read_locations, read_series,
+)
+from graphtune.data.windows import window_steps
 from graphtune.config import PrepareConfig, validate_section
 from graphtune.errors import ConfigError, DataError, DataNotice, OutputError
 from graphtune.fileio import atomic_directory
@@ -45,9 +63,20 @@ from graphtune.fileio import atomic_directory
 # Bump when the processed layout or its semantics change: old folders are then stale and read from raw.
 # 2: meta.json records the sha256 of every array file ("arrays"), and reading verifies them.
 # 3: the options record the city entry's reading options (null value, series options, sub-city, ...).
-FORMAT_VERSION = 3
+# 4: meta.json records the graph facts, coords_source and mape_floor; null_value may be null; coords.npy is
+#    always written (spectral coordinates without a locations file).
+FORMAT_VERSION = 4
 ARRAY_FILES = ("adj.npy", "coords.npy", "series.npy", "time.npy")
-REQUIRED_ARRAYS = ("adj.npy", "series.npy", "time.npy")  # coords.npy is absent when a city has no locations
+REQUIRED_ARRAYS = ARRAY_FILES
+
+# An unstated null value (the default 0) hiding more than this share of the readings is refused until the entry
+# states one. Missing readings of sensor networks are a few percent (METR-LA 8.1%, PEMS-BAY 0.003%); a share
+# far above that means the zeros are data (counts: 80% of Montevideo's hourly boardings are 0), and treating
+# them as missing would train and score on the busy hours only, silently.
+MISSING_CONFIRM_SHARE = 0.30
+# More than this share of nodes without any edge gets a notice: graph models see an isolated node only through
+# its own readings, so a graph that leaves many nodes alone is most often a threshold or file problem.
+ISOLATED_NOTICE_SHARE = 0.10
 PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
 
 
@@ -58,7 +87,7 @@ class _Arrays:
     series: np.ndarray  # (T, N) float32, NaN = missing
     time: np.ndarray  # (T, 2) float32
     adj: np.ndarray  # (N, N) float32
-    coords: np.ndarray | None  # (N, 2) float64
+    coords: np.ndarray  # (N, 2) float64: latitude, longitude, or spectral (meta["coords_source"])
     meta: dict
 
 
@@ -69,6 +98,7 @@ def prepare_dataset(city: str, prepare: PrepareConfig | None = None, *, root: st
 
     `prepare` is the params.yaml `prepare:` section (None = its defaults): processed_dir, data_source
     (local | url | hf | auto), cache_dir, url_overrides, split, normalized_k, t_in, t_out, stride.
+    t_in and t_out are steps or durations ("1h"), converted with the city's interval.
     `cities` holds user city entries (params.yaml `cities:`).
 
     A processed folder whose arrays no longer match its meta.json is rebuilt from the raw files and
@@ -89,7 +119,7 @@ def prepare_dataset(city: str, prepare: PrepareConfig | None = None, *, root: st
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             done = f"rebuilt it from the raw files for this run only; could not rewrite {out} ({reason})"
         warnings.warn(f"{problem}; {done}", DataNotice, stacklevel=2)
-    return _to_bundle(spec.name, arrays, prepare.t_in, prepare.t_out, prepare.stride)
+    return _to_bundle(spec.name, arrays, prepare)
 
 
 def write_processed(city: str, prepare: PrepareConfig | None = None, *, root: str | Path = ".",
@@ -101,7 +131,7 @@ def write_processed(city: str, prepare: PrepareConfig | None = None, *, root: st
     prepare = _checked(prepare)
     spec, paths, sources, options = _inputs(city, root, cities, prepare)
     arrays = _process(spec, paths, sources, options, cities)
-    _to_bundle(spec.name, arrays, prepare.t_in, prepare.t_out, prepare.stride)  # raises if a split is too short
+    _to_bundle(spec.name, arrays, prepare)  # raises if a split is too short for one window
     out = Path(root, prepare.processed_dir, spec.name)
     _write_atomic(out, arrays)
     return out
@@ -120,7 +150,7 @@ def processing_options(prepare: PrepareConfig, spec: CitySpec) -> dict:
     (null value, NaN handling, series options, interval, graph format, sub-city), so editing them reruns it."""
     city = {"null_value": spec.null_value, "nan_as_missing": spec.nan_as_missing, "units": spec.units,
             "series_options": dict(spec.series_options), "interval_minutes": spec.interval_minutes,
-            "graph_format": spec.graph_format, "subset": spec.subset}
+            "graph_format": spec.graph_format, "subset": spec.subset, "mape_floor": spec.mape_floor}
     return {"split": [float(x) for x in prepare.split], "normalized_k": float(prepare.normalized_k),
             "format_version": FORMAT_VERSION, "city": json.loads(json.dumps(city, sort_keys=True, default=str))}
 
@@ -154,10 +184,11 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dic
     data = read_series(paths["series"], **opts)
     coords_df = read_locations(paths["locations"]) if "locations" in paths else None
     if "graph" in paths:
-        adj, graph_ids = read_graph(paths["graph"], fmt=spec.graph_format, sensor_ids=data.sensor_ids,
+        graph_format = spec.graph_format or graph_format_of(paths["graph"])
+        adj, graph_ids = read_graph(paths["graph"], fmt=graph_format, sensor_ids=data.sensor_ids,
                                     normalized_k=options["normalized_k"])
     else:
-        adj, graph_ids = None, None
+        graph_format, adj, graph_ids = None, None, None
     files = {role: str(p) for role, p in paths.items()}
     if adj is None:
         if coords_df is None:
@@ -175,6 +206,9 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dic
         raise DataError(f"{paths['series']}: contains infinite values; expected finite readings")
     n_nan = int(np.isnan(values).sum())
     if n_nan and not spec.nan_as_missing:
+        if spec.null_value is None:  # no null value: NaN is the only way to mark a missing reading
+            raise DataError(f"{paths['series']}: contains {n_nan} NaN values; if they mark missing readings, set "
+                            f"nan_as_missing: true for city {spec.name}")
         raise DataError(
             f"{paths['series']}: contains {n_nan} NaN values; mark missing readings with the null value "
             f"{spec.null_value:g}, or set nan_as_missing: true for city {spec.name}"
@@ -186,11 +220,25 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dic
         sensor_ids = [sensor_ids[i] for i in keep]
 
     series = values.astype(np.float32)  # (T, N): the one full-size copy we make
-    series[series == np.float32(spec.null_value)] = np.nan  # missing readings
+    if spec.null_value is not None:
+        is_null = series == np.float32(spec.null_value)  # (T, N)
+        _confirm_null_value(spec, float(is_null.mean()))
+        series[is_null] = np.nan  # missing readings
+        del is_null
     missing_share = float(np.isnan(series).mean())
     n_steps = series.shape[0]
     bounds = _split_bounds(n_steps, options["split"])
     scaler = Scaler.fit(series[: bounds["train"][1]])
+
+    adj = adj.astype(np.float32)
+    graph = graph_stats(adj)
+    _notice_isolated(spec, graph, adj.shape[0], graph_format, options["normalized_k"], paths)
+    coords_source = "locations"
+    if coords is None:
+        coords, coords_source = spectral_coordinates(adj), "spectral"
+        warnings.warn(f"city {spec.name}: no locations file, so node positions are spectral coordinates of the "
+                      f"graph (coords_source: spectral); give locations (sensor_id, latitude, longitude) for real "
+                      f"positions", DataNotice, stacklevel=3)
 
     meta = {
         "city": spec.name,
@@ -200,19 +248,49 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dic
         "start": str(data.index[0]),
         "end": str(data.index[-1]),
         "splits": {k: list(v) for k, v in bounds.items()},
-        "null_value": spec.null_value,
+        "null_value": spec.null_value,  # None (JSON null): every value is a reading; only NaN can be missing
         "missing_share": round(missing_share, 6),
+        "mape_floor": float(spec.mape_floor),
         "scaler": scaler.to_dict(),
         "units": spec.units,
         "sensor_ids": sensor_ids,
-        "num_edges": int((adj > 0).sum() - (np.diag(adj) > 0).sum()),
+        "graph": graph,
+        "coords_source": coords_source,
         "sources": {role: {"file": Path(p).name, "sha256": sources[role]} for role, p in paths.items()},
         "options": options,
         "subset": spec.subset,
         "synthetic": False,
     }
-    return _Arrays(series=series, time=time_features(data.index), adj=adj.astype(np.float32), coords=coords,
-                   meta=meta)
+    return _Arrays(series=series, time=time_features(data.index), adj=adj, coords=coords, meta=meta)
+
+
+def _confirm_null_value(spec: CitySpec, null_share: float) -> None:
+    """Refuse an unstated null value that would hide more than MISSING_CONFIRM_SHARE of the readings."""
+    if spec.null_value_stated or null_share <= MISSING_CONFIRM_SHARE:
+        return
+    value = f"{spec.null_value:g}"
+    raise ConfigError(f"city {spec.name}: {percent(null_share)} of readings equal the null value {value} and would "
+                      f"be treated as missing; if zeros are real readings set null_value: null, or set "
+                      f"null_value: {value} explicitly to confirm")
+
+
+def _notice_isolated(spec: CitySpec, graph: dict, n_nodes: int, graph_format: str | None, normalized_k: float,
+                     paths: dict) -> None:
+    """One DataNotice when more than ISOLATED_NOTICE_SHARE of the nodes have no edge, naming what to change."""
+    isolated = graph["isolated"]
+    if not n_nodes or isolated / n_nodes <= ISOLATED_NOTICE_SHARE:
+        return
+    head = f"city {spec.name}: {isolated} of {n_nodes} nodes ({isolated / n_nodes:.0%}) have no edge"
+    if graph_format == "edges":
+        advice = (f"after the kernel threshold prepare.normalized_k={normalized_k:g}; lower it (e.g. 0.01) or give "
+                  f"a 0/1 graph with graph_format: links (every listed link weighs 1)")
+    elif graph_format in (None, "coords"):
+        advice = (f"after the kernel threshold prepare.normalized_k={normalized_k:g} on their coordinates; "
+                  f"lower it (e.g. 0.01) or give a graph file")
+    else:
+        advice = (f"in {paths['graph']}; models see an isolated node only through its own readings: "
+                  f"check the file, or give one that links them")
+    warnings.warn(f"{head} {advice}", DataNotice, stacklevel=4)
 
 
 def time_features(index: pd.DatetimeIndex) -> np.ndarray:
@@ -237,8 +315,16 @@ def _subset_nodes(spec: CitySpec, coords: np.ndarray | None, paths: dict) -> np.
     return np.flatnonzero(west if spec.subset["side"] == "west" else ~west)
 
 
-def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> DatasetBundle:
-    meta = a.meta
+def _to_bundle(name: str, a: _Arrays, prepare: PrepareConfig) -> DatasetBundle:
+    """The bundle of the processed arrays `a`, with prepare's windows resolved to the city's steps.
+
+    The bundle's meta is meta.json's plus "windows": {t_in, t_out (steps), t_in_minutes, t_out_minutes}.
+    """
+    interval = float(a.meta["interval_minutes"])
+    t_in = window_steps(prepare.t_in, interval, "prepare.t_in", name)
+    t_out = window_steps(prepare.t_out, interval, "prepare.t_out", name)
+    meta = {**a.meta, "windows": {"t_in": t_in, "t_out": t_out, "t_in_minutes": t_in * interval,
+                                  "t_out_minutes": t_out * interval}}  # a copy: meta.json stays window-free
     scaler = Scaler(**meta["scaler"])
     splits = {k: tuple(v) for k, v in meta["splits"].items()}
     for split, (lo, hi) in splits.items():
@@ -252,6 +338,7 @@ def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> Dat
     scaled /= np.float32(scaler.std)
     np.nan_to_num(scaled, nan=0.0, copy=False)  # missing -> 0.0, i.e. the training mean
     values = torch.from_numpy(scaled)
+    null_value = meta["null_value"]
     return DatasetBundle(
         name=name,
         values=values,
@@ -259,15 +346,16 @@ def _to_bundle(name: str, a: _Arrays, t_in: int, t_out: int, stride: int) -> Dat
         time_features=torch.from_numpy(a.time),
         adj=a.adj,
         sensor_ids=list(meta["sensor_ids"]),
-        interval_minutes=float(meta["interval_minutes"]),
+        interval_minutes=interval,
         splits=splits,
         scaler=scaler,
         coords=a.coords,
         t_in=t_in,
         t_out=t_out,
-        stride=stride,
+        stride=prepare.stride,
         units=meta.get("units", ""),
-        null_value=float(meta["null_value"]),
+        null_value=None if null_value is None else float(null_value),
+        mape_floor=float(meta["mape_floor"]),
         meta=meta,
     )
 
@@ -296,9 +384,8 @@ def _read_processed(out: Path, sources: dict, options: dict) -> tuple[_Arrays | 
     if problem is not None:
         return None, problem
     try:
-        coords = np.load(out / "coords.npy") if "coords.npy" in meta["arrays"] else None
         return _Arrays(series=np.load(out / "series.npy"), time=np.load(out / "time.npy"),
-                       adj=np.load(out / "adj.npy"), coords=coords, meta=meta), None
+                       adj=np.load(out / "adj.npy"), coords=np.load(out / "coords.npy"), meta=meta), None
     except (OSError, ValueError) as err:  # changed between the hash and the load, or not an npy file
         return None, f"{out}: processed arrays are unreadable ({err})"
 
@@ -330,9 +417,8 @@ def _write_atomic(out: Path, a: _Arrays) -> dict:
         np.save(tmp / "series.npy", a.series)
         np.save(tmp / "time.npy", a.time)
         np.save(tmp / "adj.npy", a.adj)
-        if a.coords is not None:
-            np.save(tmp / "coords.npy", a.coords)
-        arrays = {name: sha256_file(tmp / name) for name in ARRAY_FILES if (tmp / name).is_file()}
+        np.save(tmp / "coords.npy", a.coords)
+        arrays = {name: sha256_file(tmp / name) for name in ARRAY_FILES}
         meta = {**a.meta, "arrays": arrays}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return meta

@@ -14,6 +14,7 @@ import torch
 
 from graphtune.config import PrepareConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
+from graphtune.data.windows import window_steps
 
 
 def random_geometric_graph(num_nodes: int, seed: int = 0, neighbours: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -57,14 +58,14 @@ def synthetic_series(num_steps: int, adj: np.ndarray, interval_minutes: float = 
     return series
 
 
-def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t_in: int | None = None,
-                     t_out: int | None = None, interval_minutes: float = 5.0, adj: np.ndarray | None = None,
+def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t_in: int | str | None = None,
+                     t_out: int | str | None = None, interval_minutes: float = 5.0, adj: np.ndarray | None = None,
                      coords: np.ndarray | None = None, name: str | None = None) -> DatasetBundle:
     """A small in-memory SYNTHETIC bundle with params.yaml's chronological split and windows (t_in, t_out
-    default to the prepare section's), for tests and benchmarks."""
+    default to the prepare section's; steps or a duration such as "1h", as there), for tests and benchmarks."""
     prepare = PrepareConfig()
-    t_in = prepare.t_in if t_in is None else t_in
-    t_out = prepare.t_out if t_out is None else t_out
+    t_in = window_steps(prepare.t_in if t_in is None else t_in, interval_minutes, "t_in")
+    t_out = window_steps(prepare.t_out if t_out is None else t_out, interval_minutes, "t_out")
     if adj is None:
         adj, coords = random_geometric_graph(num_nodes, seed=seed)
     num_nodes = adj.shape[0]

@@ -18,27 +18,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphtune.checks import integer, number, optional
-from graphtune.models.layers import DiffusionGraphConv, daily_profile, random_walk_supports, tod_slot
 from graphtune.models.base import ForecastModel
+from graphtune.models.layers import DiffusionGraphConv, random_walk_supports
+from graphtune.models.seasonal import ProfileLookup, seasonal_profile
 from graphtune.models.registry import register_model
 
 
 class HistoricalAverage(ForecastModel):
     """Per-node, per-time-of-day mean of the training split; x (B, T_in, N, 3) -> (B, T_out, N) scaled."""
 
-    def __init__(self, profile: torch.Tensor, node_mean: torch.Tensor, t_out: int, steps_per_day: int):
+    def __init__(self, profile: ProfileLookup):
         super().__init__()
-        # A slot never observed in training falls back to the node's overall training mean.
-        filled = torch.where(torch.isnan(profile), node_mean.expand_as(profile), profile)
-        self.register_buffer("node_profile", filled, persistent=False)  # (S, N) scaled
-        self.t_out = t_out
-        self.steps_per_day = steps_per_day
+        self.profile = profile
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        num_slots = self.node_profile.shape[0]
-        steps = torch.arange(1, self.t_out + 1, device=x.device) / self.steps_per_day  # (T_out,) in days
-        tod_ahead = (x[:, -1, 0, 1, None] + steps) % 1.0  # (B, T_out): time of day of each target step
-        return self.node_profile[tod_slot(tod_ahead, num_slots)]  # (B, T_out, N)
+        return self.profile(x)
 
 
 class GraphBaseline(ForecastModel):
@@ -60,12 +54,10 @@ class GraphBaseline(ForecastModel):
         return self.head(h).transpose(1, 2)  # (B, T_out, N)
 
 
-@register_model("ha", options={"slots_per_day": optional(integer(min=1))})
+@register_model("ha", options={"slots_per_day": optional(integer(min=1))}, seasonal=False)
 def ha(bundle, *, slots_per_day: int | None = None) -> HistoricalAverage:
     # None = one slot per sampling step (288 at 5 min): the finest profile the data supports.
-    num_slots = slots_per_day or bundle.steps_per_day
-    profile, node_mean, _ = daily_profile(bundle, num_slots)
-    return HistoricalAverage(profile, node_mean, bundle.t_out, bundle.steps_per_day)
+    return HistoricalAverage(ProfileLookup(seasonal_profile(bundle, slots_per_day), bundle.t_out, bundle.steps_per_day))
 
 
 @register_model("baseline", options={"hidden": integer(min=1), "dropout": number(min=0, max=1, max_open=True)})
@@ -94,7 +86,7 @@ class Persistence(ForecastModel):
         return values.gather(1, last).expand(-1, self.t_out, -1)  # (B, T_out, N)
 
 
-@register_model("persistence")
+@register_model("persistence", seasonal=False)
 def persistence(bundle) -> Persistence:
     # No options: the naive forecast every model must beat at short horizons.
     return Persistence(bundle.t_out)

@@ -21,7 +21,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from graphtune.checks import Check, mapping
+from graphtune.checks import Check, boolean, mapping
 from graphtune.errors import ConfigError
 from graphtune.models.base import ForecastModel
 from graphtune.registry import Registry
@@ -33,16 +33,25 @@ class ModelSpec:
 
     name: str
     builder: Callable[..., ForecastModel]
-    options: dict[str, Check]
+    options: dict[str, Check]  # the builder's own options
+    seasonal: bool = True  # whether the `seasonal` option (graphtune.models.seasonal) applies to it
+
+
+# Options every learnable model takes besides its builder's, handled here (never by a builder):
+#   seasonal  predict a correction of each node's time-of-day profile (models.seasonal.SeasonalResidual);
+#             False by default: speeds follow their history closely, hourly counts are dominated by the day
+SHARED_OPTIONS: dict[str, tuple[Check, object]] = {"seasonal": (boolean(), False)}
 
 
 MODELS: Registry[ModelSpec] = Registry("model", option="experiment.model", providers=("graphtune.models",))
 
 
-def register_model(name: str, options: dict[str, Check] | None = None):
+def register_model(name: str, options: dict[str, Check] | None = None, *, seasonal: bool = True):
     """Decorator that registers `builder(bundle, **kwargs) -> ForecastModel` under `name`.
 
     `options` maps each keyword option of the builder to its check; None = the builder has no options.
+    `seasonal`: whether the shared `seasonal` option applies (False for the reference forecasts, which are
+    a profile or a copy of the input themselves). Builders cannot take a shared option's name.
     Registration fails with ValueError when an option lacks a check (or a default), a check names no
     option, or a default fails its own check: programming errors, caught when the module is imported.
     """
@@ -52,6 +61,8 @@ def register_model(name: str, options: dict[str, Check] | None = None):
         where = f"model {name!r} ({builder.__module__}.{builder.__qualname__})"
         params = list(inspect.signature(builder).parameters.values())[1:]  # the first one is the bundle
         for p in params:
+            if p.name in SHARED_OPTIONS:
+                raise ValueError(f"{where}: option {p.name!r} is shared by every model and handled by build_model")
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ValueError(f"{where}: *{p.name} cannot be checked; name every option")
             if p.default is p.empty:
@@ -65,7 +76,7 @@ def register_model(name: str, options: dict[str, Check] | None = None):
         extra = sorted(set(options) - {p.name for p in params})
         if extra:
             raise ValueError(f"{where}: checks for option(s) the builder does not take: {', '.join(extra)}")
-        MODELS.register(name, ModelSpec(name, builder, options), owner=builder.__module__)
+        MODELS.register(name, ModelSpec(name, builder, options, seasonal), owner=builder.__module__)
         builder.model_name = name
         return builder
 
@@ -82,14 +93,17 @@ def _builder(name: str) -> Callable[..., ForecastModel]:
 
 
 def model_defaults(name: str) -> dict:
-    """The default keyword arguments of model `name` (read from its builder's signature)."""
-    params = inspect.signature(_builder(name)).parameters
-    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    """The default keyword arguments of model `name`: its builder's, then the shared options it takes."""
+    spec = MODELS.get(name)
+    params = inspect.signature(spec.builder).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return defaults | ({k: default for k, (_, default) in SHARED_OPTIONS.items()} if spec.seasonal else {})
 
 
 def model_options(name: str) -> dict[str, Check]:
-    """The check of every keyword option of model `name` (each has a human `description`)."""
-    return dict(MODELS.get(name).options)
+    """The check of every keyword option of model `name` (each has a human `description`), shared ones included."""
+    spec = MODELS.get(name)
+    return dict(spec.options) | ({k: check for k, (check, _) in SHARED_OPTIONS.items()} if spec.seasonal else {})
 
 
 def check_model_kwargs(name: str, kwargs, option: str = "experiment.model_kwargs") -> dict:
@@ -116,11 +130,18 @@ def build_model(name: str, bundle, **kwargs) -> ForecastModel:
 
     Unknown names, unknown options and values out of range fail with check_model_kwargs's ConfigError
     before the builder runs; options are named as the params entry they come from,
-    `experiment.model_kwargs.<key>`.
+    `experiment.model_kwargs.<key>`. With `seasonal=True` the built model predicts a correction of each
+    node's time-of-day profile (graphtune.models.seasonal), its tensors then under `core.`.
     """
     check_model_kwargs(name, kwargs)
+    seasonal = bool(kwargs.pop("seasonal", False))
     model = _builder(name)(bundle, **kwargs)
     if not isinstance(model, ForecastModel):  # the loops rely on its hooks (takes_targets, after_transfer)
         raise TypeError(f"model {name!r}: the builder returned a {type(model).__name__}, not a ForecastModel")
+    if seasonal:
+        from graphtune.models.seasonal import ProfileLookup, SeasonalResidual, seasonal_profile
+
+        lookup = ProfileLookup(seasonal_profile(bundle), bundle.t_out, bundle.steps_per_day)
+        model = SeasonalResidual(model, lookup)
     model.model_name = name
     return model

@@ -31,7 +31,8 @@ _MODULES = {
     "tags": ("DEFAULT_TRACKING_URI", "DEFAULT_EXPERIMENT", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MAX_KEY", "RUN_KINDS",
              "TAG_KIND", "TAG_MODEL", "TAG_STRATEGY", "TAG_DATASETS", "TAG_SEED", "TAG_STAGE", "TAG_CITY",
              "TAG_FRACTION", "TAG_ERROR", "TAG_CONFIG_HASH", "TAG_CONFIG", "TAG_RUN_TYPE", "TAG_SCORE_VERSION",
-             "TAG_TARGETS", "TAG_REFERENCE_KEY", "TAG_SOURCE", "graphtune_tags", "git_info"),
+             "TAG_TARGETS", "TAG_REFERENCE_KEY", "TAG_SOURCE", "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND",
+             "graphtune_tags", "git_info"),
     "store": ("resolve_tracking_uri", "run_exists", "load_checkpoint", "search_runs"),
     "runs": ("Tracker", "Terminated", "flatten"),
 }

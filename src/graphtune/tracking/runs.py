@@ -24,7 +24,8 @@ from typing import Any
 
 from graphtune.tracking.store import (_artifact_location, _env, _global_tracking_uri, _new_client, _sqlite_path,
                                       load_checkpoint, resolve_tracking_uri)
-from graphtune.tracking.tags import DEFAULT_EXPERIMENT, MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, TAG_ERROR, git_info
+from graphtune.tracking.tags import (DEFAULT_EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_KEY, MAX_PARAM_VALUE,
+                                     MAX_TAG_VALUE, TAG_ERROR, git_info)
 
 import mlflow  # noqa: E402  (after graphtune.tracking.store, which sets GIT_PYTHON_REFRESH first)
 from mlflow import MlflowClient  # noqa: E402
@@ -102,10 +103,12 @@ def _to_text(value: Any, limit: int, json_containers: bool = False) -> str:
 
 
 def _to_float(key: str, value: Any) -> float | None:
-    """A metric value as a float; None for a missing (None) or NaN value, which is not logged.
+    """A metric value as a float; None for a missing (None) value, which is not logged.
 
-    Infinity is kept (a diverged loss is a result worth seeing); anything that is not a number
-    (a string, a tensor with more than one element) is a bug in the caller and raises.
+    Every non-finite value (NaN, inf, -inf) becomes NaN and is logged as NaN: a metric with nothing
+    to measure or a diverged loss is a result worth seeing, and MLflow's SQL stores keep NaN as NaN
+    but write inf as +/-1.797e308 (float max), which then reads back as a real number. Anything that
+    is not a number (a string, a tensor with more than one element) is a bug in the caller and raises.
     """
     if value is None:
         return None
@@ -113,7 +116,7 @@ def _to_float(key: str, value: Any) -> float | None:
         number = float(value)  # bool, int, numpy scalar, 0-d / 1-element tensor
     except (TypeError, ValueError):
         raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
-    return None if math.isnan(number) else number
+    return number if math.isfinite(number) else math.nan
 
 
 def _now_ms() -> int:
@@ -196,7 +199,11 @@ class Tracker:
         return self._run_ids[-1] if self._run_ids else None
 
     def experiment_id(self) -> str:
-        """The id of `experiment_name`, created on first use (artifacts beside a sqlite store)."""
+        """The id of `experiment_name`, created on first use (artifacts beside a sqlite store).
+
+        The experiment is tagged as a model-training one (EXPERIMENT_KIND_TAG), so MLflow 3's UI opens it on
+        its runs, not on the GenAI overview; a kind the user chose in the UI is kept.
+        """
         if self._experiment_id is not None:
             return self._experiment_id
         experiment = self.client.get_experiment_by_name(self.experiment_name)
@@ -205,6 +212,7 @@ class Tracker:
                 self._experiment_id = self.client.create_experiment(
                     self.experiment_name,
                     artifact_location=_artifact_location(self.tracking_uri, self.experiment_name),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
                 return self._experiment_id
             except MlflowException:
@@ -217,6 +225,8 @@ class Tracker:
                 f"tracking experiment {self.experiment_name!r} is deleted in {self.tracking_uri}; "
                 "restore it (mlflow experiments restore) or choose another experiment name"
             )
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # e.g. created by `mlflow run` before we opened it
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self._experiment_id = experiment.experiment_id
         return self._experiment_id
 
@@ -328,7 +338,7 @@ class Tracker:
         self.client.log_batch(run_id, params=entries)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        """Log a (nested) dict of numbers at `step` (0 if None); None and NaN values are skipped."""
+        """Log a (nested) dict of numbers at `step` (0 if None); None is skipped, NaN and inf are logged as NaN."""
         if not self.enabled:
             return
         run_id = self._current("log_metrics")
@@ -428,6 +438,50 @@ class Tracker:
             local = Path(tmp) / filename
             torch.save(state_dict, local)
             self.log_artifact(local, folder or None)
+
+    def log_dataset(self, name: str, uri: str, digest: str, context: str) -> None:
+        """Record a dataset the current run used as an MLflow dataset input (the UI's Dataset column): its name,
+        where it lives, a digest of its contents and the context (e.g. "source", "target", "training")."""
+        if not self.enabled:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(uri), name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(self._current("log_dataset"), datasets=[
+            DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])])
+
+    def log_model(self, model, example_inputs, name: str = "model") -> str | None:
+        """Log `model` as an MLflow PyTorch model in the current run, with a signature inferred from
+        `example_inputs` and its output; returns its models:/ URI (it can then be registered).
+
+        Pickle serialisation: the models' forward passes have data-dependent steps (scheduled sampling) that
+        torch.export's "pt2" format cannot trace; loading needs graphtune installed, like any pickled module.
+        """
+        if not self.enabled:
+            return None
+        import logging
+
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            output = model(example_inputs)
+        model.train(was_training)
+        signature = infer_signature(example_inputs.detach().cpu().numpy(), output.detach().cpu().numpy())
+        logger = logging.getLogger("mlflow.pytorch")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # its pickle advice is about loading untrusted files, not ours
+        try:
+            info = mlflow.pytorch.log_model(model, name=name, signature=signature, serialization_format="pickle",
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        finally:
+            logger.setLevel(level)
+        return info.model_uri
 
     def load_checkpoint(self, run_id: str, name: str = "best.pt") -> dict:
         """The checkpoint `name` of `run_id` in this tracker's store (works when disabled too)."""

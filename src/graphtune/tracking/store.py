@@ -203,3 +203,26 @@ def search_runs(
             filter_string=" AND ".join(filters),
             output_format="pandas",
         )
+
+
+def registered_model_run(uri: str, tracking_uri: str | None = None) -> str:
+    """The run that logged the registered model `models:/NAME/VERSION` (or `models:/NAME@ALIAS`).
+
+    GraphTune logs each stage's model in the stage run, next to its checkpoint, so the run id leads to
+    the checkpoint. An unknown name, version or alias is a ConfigError naming it.
+    """
+    body = uri[len("models:/"):]
+    by_alias = "@" in body
+    name, _, version = body.partition("@") if by_alias else body.rpartition("/")
+    if not name or not version:
+        raise ConfigError(f"--from: {uri!r} is not a registered model URI; expected models:/NAME/VERSION or "
+                          "models:/NAME@ALIAS")
+    client, store = _client_for_reading(tracking_uri)
+    try:
+        found = (client.get_model_version_by_alias(name, version) if by_alias
+                 else client.get_model_version(name, version))
+    except MlflowException:
+        raise ConfigError(f"--from: no registered model {uri} in the tracking store {store}") from None
+    if not found.run_id:
+        raise ConfigError(f"--from: {uri} was not logged by a run, so it has no GraphTune checkpoint")
+    return found.run_id

@@ -34,6 +34,10 @@ TAG_SCORE_VERSION = "graphtune.score_version"  # runs of another score definitio
 TAG_TARGETS = "graphtune.targets"  # the cities the comparable score covers
 TAG_REFERENCE_KEY = "graphtune.reference_key"  # identity of the HA / persistence reference rows a run logs
 TAG_SOURCE = "graphtune.source"  # the pretrain run id or checkpoint a fine-tuning run started from
+# MLflow 3's experiment type, read by its UI: "custom_model_development" opens an experiment on its runs
+# (the UI's "Model training" page) instead of the GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def graphtune_tags(

@@ -77,21 +77,24 @@ class BudgetScheduler:
     """Loss-gradient budget scheduler: stop the budget curve when more budget stops paying off.
 
     Feed it points (fraction, val_metric) in increasing fraction order, starting with the zero-shot
-    point at fraction 0 (the first point is only the reference). For each later point, with
-    prev_best the lowest val_metric so far and prev_fraction the previous point's fraction:
+    point at fraction 0 (the first point is only the reference; without a zero-shot point, the first
+    budget point is). For each later point, with ref the first point's val_metric, prev_best the lowest
+    val_metric so far and prev_fraction the previous point's fraction:
 
-        gain      = prev_best - val                      (> 0: better)
-        gain_rate = gain / (fraction - prev_fraction)    (metric units per full budget)
+        gain      = prev_best - val                              (> 0: better)
+        gain_rate = (gain / ref) / (fraction - prev_fraction)    (share of the reference error per full budget)
         rel_gain  = gain / prev_best
 
-    The step is "flat" when gain_rate < min_gain_rate AND rel_gain < min_rel_improve (a NaN metric
-    counts as flat). The curve stops when more than `patience` consecutive steps are flat; a
-    non-flat step resets the count.
+    Both thresholds are shares of an error, so one setting means the same in mph, km/h or counts. The
+    step is "flat" when gain_rate < min_gain_rate AND rel_gain < min_rel_improve (a NaN metric counts as
+    flat). The curve stops when more than `patience` consecutive steps are flat; a non-flat step resets
+    the count.
     """
 
     def __init__(self, transfer: TransferConfig):
-        """Thresholds from the params.yaml `transfer:` section: min_gain_rate (val MAE, in the city's units, per
-        full budget), min_rel_improve (a share of the best val MAE so far) and patience (flat steps tolerated)."""
+        """Thresholds from the params.yaml `transfer:` section: min_gain_rate (a share of the reference val error
+        per full budget), min_rel_improve (a share of the best val error so far) and patience (flat steps
+        tolerated)."""
         if not (isinstance(transfer.patience, int) and transfer.patience >= 0):
             raise ConfigError(f"transfer.patience: expected an integer >= 0, got {transfer.patience!r}")
         self.min_gain_rate = float(transfer.min_gain_rate)
@@ -120,8 +123,9 @@ class BudgetScheduler:
 
     def _step(self, fraction: float, val: float) -> None:
         prev_best = min((v for _, v in self.points if not math.isnan(v)), default=math.nan)
+        reference = self.points[0][1]
         gain = prev_best - val
-        gain_rate = gain / (fraction - self.points[-1][0])
+        gain_rate = (gain / reference if reference > 0 else 0.0) / (fraction - self.points[-1][0])
         rel_gain = gain / prev_best if prev_best > 0 else 0.0
         # written as "not (good enough)" so that NaN comparisons (all False) count as flat
         flat = not (gain_rate >= self.min_gain_rate or rel_gain >= self.min_rel_improve)

@@ -40,7 +40,6 @@ from graphtune.data.cities import get_city
 from graphtune.data.prepare import prepare_dataset
 from graphtune.errors import ConfigError
 from graphtune.fileio import atomic_directory, check_owned
-from graphtune.metrics import HORIZONS
 from graphtune.models import check_model_kwargs, model_defaults
 from graphtune.plots import stage_scores_png, transfer_curve_png
 from graphtune.transfer.score import SCORE_VERSION, budgets_from_config, comparable_score
@@ -133,8 +132,8 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
 
 
 def _load_source(ref: str, tracking_uri: str | None) -> tuple[SourceModel, str]:
-    """A SourceModel from a checkpoint file or from the pretrain run `ref` in the tracking store, and its
-    identity for the configuration hash (the checkpoint's sha256, or the run id)."""
+    """A SourceModel from a checkpoint file, a run id or a registered model (models:/NAME/VERSION) of the
+    tracking store, and its identity for the configuration hash (the checkpoint's sha256, or the run id)."""
     path = Path(ref)
     if path.suffix == ".pt" or path.exists():
         if not path.is_file():
@@ -144,6 +143,12 @@ def _load_source(ref: str, tracking_uri: str | None) -> tuple[SourceModel, str]:
         except Exception as err:  # noqa: BLE001  (any unreadable file is the user's input)
             raise ConfigError(f"--from: {ref} is not a GraphTune checkpoint ({type(err).__name__})") from None
         identity = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    elif ref.startswith("models:/"):  # a registered model: the stage run that logged it holds the checkpoint
+        from graphtune.tracking.store import registered_model_run
+
+        run_id = registered_model_run(ref, tracking_uri)
+        data = load_checkpoint(run_id, CHECKPOINT, tracking_uri=tracking_uri)
+        identity = f"run:{run_id}"
     else:
         if not run_exists(ref, tracking_uri):
             raise ConfigError(f"--from: no run with id {ref!r} in the tracking store {tracking_uri or ''}".rstrip())
@@ -167,6 +172,8 @@ class TrackingObserver(Observer):
         self.stages: list[StageResult] = []
         self.parts: list = []  # each stage's comparable-score parts, for the live table
         self.extra_tags: dict = {}  # tags every run of this experiment carries (config hash, run type)
+        self.bundles: dict[str, DatasetBundle] = {}  # city -> its data, logged as each stage run's dataset input
+        self.model_uris: dict[int, str] = {}  # stage -> the models:/ URI of its trained model
 
     def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
               **extra) -> dict:
@@ -181,6 +188,8 @@ class TrackingObserver(Observer):
         tags = self._tags("stage", stage=index, city=city, **{"graphtune.stage_kind": kind})
         with self.tracker.run(f"stage{index}-{kind}-{city}", nested=True, tags=tags) as run_id:
             self.stage_runs[index] = run_id  # the final score parts are logged to it after the last stage
+            if city in self.bundles:
+                log_dataset(self.tracker, self.bundles[city], "training", self.plan.params.prepare.processed_dir)
             yield run_id
 
     def budget(self, index, city, fraction):
@@ -195,14 +204,14 @@ class TrackingObserver(Observer):
         self.tracker.log_params({"fraction": point["fraction"], "windows": point["windows"]})
         self.tracker.log_metrics(_metric_block(point["val"], "val_") | _metric_block(point["test"], "test_")
                                  | _data_block(point["data"], "data/")
-                                 | {"train_time_s": point["train_time_s"], "steps": point["steps"],
-                                    "samples": point["samples"]})
+                                 | {k: point[k] for k in ("train_time_s", "wall_time_s", "steps", "samples",
+                                                          "best_epoch", "peak_rss_mb", "peak_gpu_mb", "train_flops")})
         data = point["data"]
         self.echo(f"    fraction {point['fraction']:g}: {data['windows']} windows ({data['days']:.2f} days, "
                   f"{data['readings']} readings), {point['epochs']} epochs, val MAE {point['val_mae']:.3f}, "
                   f"test RMSE {point['test_rmse']:.3f}")
 
-    def stage_done(self, result, source):
+    def stage_done(self, result, source, model=None, example=None):
         self.tracker.log_metrics(stage_metrics(result))
         if result.transfer is not None:
             self.tracker.log_params({"transfer_share": round(result.transfer["share"], 4),
@@ -216,6 +225,8 @@ class TrackingObserver(Observer):
         self.tracker.log_dict(result.to_dict(), "stage.json")
         if self.log_checkpoints:
             self.tracker.log_checkpoint(source.checkpoint(), CHECKPOINT)
+            if model is not None and example is not None:  # an MLflow model: the UI's Models column, the registry
+                self.model_uris[result.stage] = self.tracker.log_model(model, example)
         self.stages.append(result)
         # this stage's score parts as they will stand: a stage's comparable parts need no other stage
         params = self.plan.params
@@ -263,6 +274,19 @@ def _live_row(s: StageResult, part) -> dict:
 # ----------------------------------------------------------------------------- the runner
 def load_bundles(params: Params, datasets: list[str]) -> list[DatasetBundle]:
     return [prepare_dataset(city, params.prepare, cities=params.cities) for city in datasets]
+
+
+def data_digest(bundle: DatasetBundle) -> str:
+    """A digest of a city's processed data: of its array files' sha256 when it was read from (or written to) its
+    processed folder, else of what decides those arrays (the raw files' sha256 and the preparation options)."""
+    meta = bundle.meta
+    basis = meta.get("arrays") or {"sources": meta.get("sources"), "options": meta.get("options")}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log_dataset(tracker: Tracker, bundle: DatasetBundle, context: str, processed_dir: str) -> None:
+    """A city as an MLflow dataset input of the current run: its name, its processed folder, the digest."""
+    tracker.log_dataset(bundle.name, str(Path(processed_dir, bundle.name).resolve()), data_digest(bundle), context)
 
 
 def data_hashes(bundles: list[DatasetBundle], length: int | None = 16) -> dict:
@@ -331,7 +355,10 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     if plan.source_ref:
         tags[TAG_SOURCE] = plan.source_ref
     experiment = dataclasses.replace(params.experiment, name=plan.name)
-    with tracker.run(plan.name, tags=tags, params=params.as_dict()) as parent_id:
+    observer.bundles = {b.name: b for b in bundles}
+    with tracker.run(plan.name, tags=tags, params=logged_params(plan, tracker.tracking_uri)) as parent_id:
+        for i, bundle in enumerate(bundles):
+            log_dataset(tracker, bundle, "target" if plan.sources or i > 0 else "source", params.prepare.processed_dir)
         exp = plan.experiment
         echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {exp.model}, strategy {exp.strategy}, "
              f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else ""))
@@ -352,6 +379,17 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     echo(f"score = {result.score.score:.4f} (comparable across runs; S_uep within this run = {result.s_uep:.4f}); "
          f"results in {out}")
     return result, parent_id
+
+
+def logged_params(plan: Plan, tracking_uri: str | None) -> dict:
+    """The run's parameters as resolved: every section that decides the run, the parent run's name and the
+    store as they are used, never an empty string (the compare section is not part of a run)."""
+    logged = plan.params.as_dict()
+    logged.pop("compare", None)
+    logged["experiment"]["name"] = plan.name
+    logged["experiment"]["device"] = plan.device
+    logged["tracking"]["tracking_uri"] = tracking_uri or "disabled"
+    return logged
 
 
 def experiment_metrics(result: ExperimentResult) -> dict:
@@ -376,8 +414,8 @@ def experiment_metrics(result: ExperimentResult) -> dict:
         "data/windows": sum(s.data["windows"] for s in scored), "data/days": sum(s.data["days"] for s in scored),
         "data/readings": sum(s.data["readings"] for s in scored),
     }
-    for h in HORIZONS:
-        metrics[f"final_test_mae_h{h}"] = last.test.get(f"mae_h{h}", math.nan)
+    # every test metric of the final model: overall, by step (_h3) and by lead time (_15min, _180min, ...)
+    metrics |= {f"final_test_{k}": v for k, v in last.test.items() if k not in ("mae", "rmse", "mape")}
     for name, ref in result.references.items():
         metrics |= {f"reference/{name}/{k}": v for k, v in ref.items()}
     return metrics

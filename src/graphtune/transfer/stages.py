@@ -154,7 +154,10 @@ class Observer:
 
     def budget_done(self, index: int, point: dict) -> None: ...
 
-    def stage_done(self, result: StageResult, source: SourceModel) -> None: ...
+    def stage_done(self, result: StageResult, source: SourceModel, model: nn.Module | None = None,
+                   example: torch.Tensor | None = None) -> None:
+        """After a stage: its result, the trained model (as a checkpoint and as the module, with an example
+        input batch (B, T_in, N, C) of its city)."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -198,10 +201,17 @@ def _cost(static: dict, flops: dict, samples: int) -> dict:
             "trainable_params": static["params_trainable"], "size_mb": static["size_mb"]}
 
 
-def _dynamic(monitor: ResourceMonitor, fits: list) -> dict:
-    """Time and memory of a stage: train_time_s counts training steps only, val_time_s the validations."""
+def _dynamic(monitors: list[ResourceMonitor], fits: list) -> dict:
+    """Time and memory of a stage, over the windows its points were measured in: train_time_s counts training
+    steps only, val_time_s the validations, wall_time_s every window; the peaks are the highest of them (each
+    above the memory in use when its window opened)."""
+    def peak(values):
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
     return {"train_time_s": sum(f.train_time_s for f in fits), "val_time_s": sum(f.val_time_s for f in fits),
-            "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb, "peak_gpu_mb": monitor.peak_gpu_mb}
+            "wall_time_s": sum(m.elapsed_s for m in monitors), "peak_rss_mb": peak(m.peak_rss_mb for m in monitors),
+            "peak_gpu_mb": peak(m.peak_gpu_mb for m in monitors)}
 
 
 def _require_finite(metrics: dict, what: str) -> dict:
@@ -247,14 +257,14 @@ def pretrain_stage(bundle: DatasetBundle, experiment: ExperimentConfig, train: T
                                    f"{bundle.name}: pretraining, test")
         reference = city_references(bundle, batch_size=batch, device=device)
         stage = StageResult(stage=0, kind="pretrain", city=bundle.name, num_nodes=bundle.num_nodes, val=val,
-                            test=test, static_eff=static, flops=flops, dynamic_eff=_dynamic(monitor, [result]),
+                            test=test, static_eff=static, flops=flops, dynamic_eff=_dynamic([monitor], [result]),
                             difficulty=graph_difficulty(bundle), reference=reference,
                             cost=_cost(static, flops, result.samples),
                             data=bundle.data_used_by(bundle.window_starts("train")),
                             history=result.history, stopped_reason=result.stopped_reason)
         source = SourceModel(experiment.model, dict(experiment.model_kwargs), _cpu_state(net), bundle.name,
                              list(bundle.sensor_ids), bundle.scaler.to_dict())
-        observer.stage_done(stage, source)
+        observer.stage_done(stage, source, net, _example(bundle))
     return stage, source
 
 
@@ -294,21 +304,24 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             first = transfer.fractions[0]
             probe = bundle.restrict(sample_windows(all_starts, first, transfer.fewshot_mode, seed), prompt_steps=window)
             static, flops = _efficiency(adapt(probe, first).model, probe, batch)
-        points, fits, history, stopped_reason, view = [], [], [], "completed", None
-        with ResourceMonitor(device) as monitor:
-            if zero_view is not None:
+        points, fits, monitors, history, stopped_reason, view = [], [], [], [], "completed", None
+        if zero_view is not None:
+            with ResourceMonitor(device) as monitor:
                 where = f"{bundle.name}: zero-shot"
                 zero_val = _require_finite(evaluate(net, zero_view, "val", batch_size=batch, device=device), where)
                 zero_test = _require_finite(evaluate(net, zero_view, "test", batch_size=batch, device=device), where)
-                zero_data = zero_view.data_used
-                scheduler.update(0.0, zero_val["mae"])
-            for fraction in transfer.fractions:
-                spent = sum(f.fit_time_s for f in fits)
-                remaining = None if time_budget_s is None else time_budget_s - spent
-                if remaining is not None and remaining <= 0:
-                    stopped_reason = "time_budget"
-                    break
-                with observer.budget(index, bundle.name, fraction):
+            monitors.append(monitor)
+            zero_data = zero_view.data_used
+            scheduler.update(0.0, zero_val["mae"])
+        per_window_train = flops["train_flops"] / flops["batch_size"]
+        for fraction in transfer.fractions:
+            spent = sum(f.fit_time_s for f in fits)
+            remaining = None if time_budget_s is None else time_budget_s - spent
+            if remaining is not None and remaining <= 0:
+                stopped_reason = "time_budget"
+                break
+            with observer.budget(index, bundle.name, fraction):
+                with ResourceMonitor(device) as monitor:  # each point's own time and memory
                     starts = sample_windows(all_starts, fraction, transfer.fewshot_mode, seed)
                     view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
                     adapted = adapt(view, fraction)
@@ -320,27 +333,31 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                     where = f"{bundle.name}: fine-tuned at fraction {fraction:g}"
                     val = _require_finite(evaluate(net, view, "val", batch_size=batch, device=device), where)
                     test = _require_finite(evaluate(net, view, "test", batch_size=batch, device=device), where)
-                    fits.append(result)
-                    point = {"fraction": fraction, "windows": int(starts.numel()), "data": view.data_used,
-                             "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
-                             "train_time_s": result.train_time_s, "stopped_reason": result.stopped_reason,
-                             "val_mae": val["mae"], "val_rmse": val["rmse"], "test_mae": test["mae"],
-                             "test_rmse": test["rmse"], "test_mape": test["mape"], "val": val, "test": test}
-                    points.append(point)
-                    history = result.history
-                    observer.budget_done(index, point)
-                if result.stopped_reason == "time_budget":
-                    stopped_reason = "time_budget"
-                    break
-                if scheduler.update(fraction, val["mae"]):
-                    stopped_reason = "budget_scheduler"
-                    break
+                monitors.append(monitor)
+                fits.append(result)
+                point = {"fraction": fraction, "windows": int(starts.numel()), "data": view.data_used,
+                         "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
+                         "best_epoch": result.best_epoch, "train_time_s": result.train_time_s,
+                         "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
+                         "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": per_window_train * result.samples,
+                         "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
+                         "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
+                         "val": val, "test": test}
+                points.append(point)
+                history = result.history
+                observer.budget_done(index, point)
+            if result.stopped_reason == "time_budget":
+                stopped_reason = "time_budget"
+                break
+            if scheduler.update(fraction, val["mae"]):
+                stopped_reason = "budget_scheduler"
+                break
         reference = city_references(bundle, batch_size=batch, device=device)
         final_val, final_test = (points[-1]["val"], points[-1]["test"]) if points else (zero_val, zero_test)
         final_view = view if view is not None else zero_view
         stage = StageResult(
             stage=index, kind="transfer", city=bundle.name, num_nodes=bundle.num_nodes, val=final_val, test=final_test,
-            static_eff=static, flops=flops, dynamic_eff=_dynamic(monitor, fits), difficulty=graph_difficulty(bundle),
+            static_eff=static, flops=flops, dynamic_eff=_dynamic(monitors, fits), difficulty=graph_difficulty(bundle),
             reference=reference, cost=_cost(static, flops, sum(f.samples for f in fits)), data=final_view.data_used,
             zero_shot_val=zero_val, zero_shot_test=zero_test, zero_shot_data=zero_data,
             curve=[{k: v for k, v in p.items() if k not in ("val", "test")} for p in points],
@@ -351,7 +368,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
         )
         new_source = SourceModel(model, model_kwargs, _cpu_state(net), bundle.name, list(bundle.sensor_ids),
                                  final_view.scaler.to_dict())
-        observer.stage_done(stage, new_source)
+        observer.stage_done(stage, new_source, net, _example(final_view))
     return stage, new_source
 
 
@@ -479,6 +496,12 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
 
 
 # ----------------------------------------------------------------------------- helpers
+def _example(bundle: DatasetBundle, size: int = 4) -> torch.Tensor:
+    """A few validation windows x (B, T_in, N, C) of `bundle`: a model's example input (its signature)."""
+    x, _ = bundle.batch(bundle.window_starts("val")[:size])
+    return x
+
+
 def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 

@@ -1,0 +1,125 @@
+"""The city table: registered fact blocks agree with what `prepare` measures, user entries are checked key by
+key, and `graphtune cities` lists every city's facts, user cities' from their processed meta.json."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from graphtune.cli import cli
+from graphtune.config import PrepareConfig
+from graphtune.data.cities import DEFAULT_MAPE_FLOOR, REGISTERED, city_from_dict, city_table, get_city
+from graphtune.data.prepare import prepare_dataset, write_processed
+from graphtune.errors import ConfigError, DataNotice
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = sorted(name for name, spec in REGISTERED.items() if spec.directory.startswith("data/sample/"))
+
+
+def test_the_embedded_cities_are_the_sample_folders():
+    assert EMBEDDED == ["metr-la-east", "metr-la-week", "metr-la-west", "montevideo-bus"]
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_fact_blocks_of_the_embedded_cities_are_what_prepare_measures(name):
+    spec = REGISTERED[name]
+    bundle = prepare_dataset(name, root=REPO, use_processed=False)
+    meta = bundle.meta
+    assert spec.facts["shape"] == meta["shape"]
+    assert spec.facts["interval_minutes"] == meta["interval_minutes"]
+    assert spec.facts["missing_share"] == meta["missing_share"]
+    assert spec.facts["edges"] == meta["graph"]["edges"]
+    assert spec.facts["date_range"] == [meta["start"][:16], meta["end"][:16]]
+    for role, remote in spec.files().items():  # registered hashes are the embedded files' own
+        assert hashlib.sha256(Path(REPO, spec.directory, remote.name).read_bytes()).hexdigest() == remote.sha256, role
+
+
+def test_registered_cities_state_their_null_values():
+    assert all(spec.null_value_stated for spec in REGISTERED.values())
+    assert {name: spec.null_value for name, spec in REGISTERED.items()} == {
+        "metr-la": 0.0, "pems-bay": 0.0, "metr-la-week": 0.0, "metr-la-west": 0.0, "metr-la-east": 0.0,
+        "montevideo-bus": None}
+    bus = REGISTERED["montevideo-bus"]
+    assert (bus.units, bus.interval_minutes, bus.graph_format, bus.mape_floor) == ("boardings/hour", 60, "links", 1.0)
+
+
+# ----------------------------------------------------------------------------- user entries
+def test_a_user_entry_states_its_null_value_only_by_writing_it():
+    base = {"series": "s.csv"}
+    assert not city_from_dict("a", base).null_value_stated
+    assert city_from_dict("a", {**base, "null_value": 0}).null_value_stated
+    none = city_from_dict("a", {**base, "null_value": None})
+    assert none.null_value is None and none.null_value_stated
+    assert city_from_dict("a", base).mape_floor == DEFAULT_MAPE_FLOOR == 1.0
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("null_value", "zero", "cities.toy.null_value: expected null or a finite number, got 'zero'"),
+    ("null_value", True, "cities.toy.null_value: expected null or a finite number, got True"),
+    ("mape_floor", -1, "cities.toy.mape_floor: expected a finite number >= 0, got -1"),
+    ("mape_floor", None, "cities.toy.mape_floor: expected a finite number >= 0, got None"),
+    ("nan_as_missing", "yes", "cities.toy.nan_as_missing: expected true or false, got 'yes'"),
+    ("interval_minutes", 0, "cities.toy.interval_minutes: expected null or a finite number > 0, got 0"),
+    ("series_options", [1], "cities.toy.series_options: expected a mapping, got [1]"),
+])
+def test_bad_entry_values_are_one_line_naming_the_key(key, value, says):
+    with pytest.raises(ConfigError) as info:
+        get_city("toy", {"toy": {"series": "s.csv", key: value}})
+    assert str(info.value) == says
+
+
+# ----------------------------------------------------------------------------- the listing
+def _toy_city(tmp_path: Path) -> dict:
+    """A 15-minute km/h city without coordinates or facts, 25% of its readings 0 (its stated null value)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    index = pd.date_range("2024-03-04", periods=300, freq="15min")
+    values = np.random.default_rng(0).uniform(20, 60, (300, 4)).round(2)
+    values[:, 0] = 0.0
+    pd.DataFrame(values, index=pd.Index(index, name="time"), columns=list("abcd")).to_csv(raw / "series.csv")
+    np.savetxt(raw / "adj.csv", np.eye(4) + np.eye(4, k=1), delimiter=",")
+    return {"toy": {"directory": str(raw), "series": "series.csv", "graph": "adj.csv", "graph_format": "dense",
+                    "units": "km/h", "null_value": 0, "description": "a user city"}}
+
+
+def test_city_table_shows_a_user_city_from_its_meta_once_prepared(tmp_path):
+    cities = _toy_city(tmp_path)
+    before = {row["name"]: row for row in city_table(cities, processed_dir="processed", root=str(tmp_path))}
+    assert before["toy"] == {"name": "toy", "nodes": "?", "steps": "?", "interval": "? min", "units": "km/h",
+                             "missing": "?", "edges": "?", "description": "a user city"}
+    with pytest.warns(DataNotice, match="spectral coordinates"):  # no locations: positions from the graph
+        write_processed("toy", PrepareConfig(processed_dir=str(tmp_path / "processed")), root=tmp_path, cities=cities)
+    after = {row["name"]: row for row in city_table(cities, processed_dir="processed", root=str(tmp_path))}
+    assert after["toy"] == {"name": "toy", "nodes": "4", "steps": "300", "interval": "15 min", "units": "km/h",
+                            "missing": "25%", "edges": "3", "description": "a user city"}
+    assert after["montevideo-bus"] == {
+        "name": "montevideo-bus", "nodes": "675", "steps": "744", "interval": "60 min", "units": "boardings/hour",
+        "missing": "0%", "edges": "690", "description": REGISTERED["montevideo-bus"].description}
+    assert after["pems-bay"]["missing"] == "0.003%" and after["metr-la"]["missing"] == "8.1%"
+
+
+def test_graphtune_cities_lists_every_city_with_its_facts(tmp_path):
+    cities = _toy_city(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"processed_dir": str(tmp_path / "processed")}, "cities": cities}))
+    with pytest.warns(DataNotice, match="spectral coordinates"):
+        assert CliRunner().invoke(cli, ["prepare", "--city", "toy", "--params", str(params)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["cities", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["city", "nodes", "steps", "interval", "units", "missing", "edges", "description"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(REGISTERED) | {"toy"}
+    assert rows["toy"][:8] == ["toy", "4", "300", "15", "min", "km/h", "25%", "3"]
+    assert rows["montevideo-bus"][:8] == ["montevideo-bus", "675", "744", "60", "min", "boardings/hour", "0%", "690"]
+    assert rows["metr-la"][:8] == ["metr-la", "207", "34272", "5", "min", "mph", "8.1%", "1515"]
+    params.write_text(yaml.safe_dump({"cities": {"toy": {"series": "s.csv", "mape_floor": -1}}}))
+    result = CliRunner().invoke(cli, ["cities", "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "graphtune: error: cities.toy.mape_floor: expected a finite number >= 0, got -1"
