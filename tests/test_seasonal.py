@@ -27,11 +27,18 @@ def test_seasonal_model_is_the_profile_plus_the_core(name, bundle):
     assert isinstance(model, SeasonalResidual) and model_defaults(name)["seasonal"] is False
     x, _ = bundle.batch(bundle.window_starts("test")[:5])
     model.eval()
+    ha = build_model("ha", bundle)
     with torch.no_grad():
+        assert torch.equal(model(x), ha(x))  # a new seasonal model forecasts exactly the profile: the gate is 0
+        model.gate_raw.copy_(torch.linspace(-0.1, 0.2, bundle.t_out)[:, None])
         out = model(x)
-        expected = build_model("ha", bundle)(x) + model.core(x)
+        expected = ha(x) + model.gate * model.core(x)  # (T_out, 1) gate: one per lead time
     assert out.shape == (5, bundle.t_out, bundle.num_nodes) and torch.allclose(out, expected, atol=1e-6)
-    assert all(k.startswith("core.") for k in model.state_dict())  # the profile is a buffer, never saved
+    assert not torch.allclose(out, ha(x))
+    # the profile is a buffer, never saved or transferred; the core and the gate are
+    assert set(model.state_dict()) == {"gate_raw"} | {k for k in model.state_dict() if k.startswith("core.")}
+    model.after_transfer()  # a transferred seasonal model starts from the target's own profile
+    assert torch.count_nonzero(model.gate) == 0
 
 
 def test_the_profile_is_the_historical_average_of_the_visible_data_only(bundle):

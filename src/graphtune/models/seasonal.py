@@ -5,7 +5,7 @@
                                       seen falls back to the node's mean
     ProfileLookup                     the profile of the T_out steps after each window's last input step
     SeasonalResidual                  any ForecastModel as a correction on top of that profile:
-                                      prediction = profile(t + h) + model(x)
+                                      prediction = profile(t + h) + gate_h * model(x), the gate starting at 0
 
 The historical average (`ha`) is ProfileLookup on its own. Any registered model becomes a seasonal residual
 with the model option `seasonal: true` (graphtune.models.registry): on series dominated by a daily cycle with
@@ -22,6 +22,8 @@ import torch.nn as nn
 
 from graphtune.models.base import ForecastModel
 from graphtune.models.layers import daily_profile, tod_slot
+
+GATE_SCALE = 10.0  # the gate's unit: with Adam at lr 1e-3, about 0.01 of the correction opens per step
 
 
 def seasonal_profile(bundle, slots: int | None = None) -> torch.Tensor:
@@ -52,19 +54,36 @@ class ProfileLookup(nn.Module):
 
 
 class SeasonalResidual(ForecastModel):
-    """`core`'s output as a correction of the node's time-of-day profile: profile(t + h) + core(x)."""
+    """`core`'s output as a gated correction of the node's time-of-day profile: profile(t + h) + g_h * core(x).
+
+    The gate g (one per lead time) starts at zero, as the gates of DiT's adaptive blocks do: a new model
+    forecasts exactly the profile, i.e. the historical average of the data it was built from, and training
+    opens the gate only as far as the correction helps. With `fit` keeping the starting weights as a
+    candidate, a seasonal model never ends worse on validation than the historical average.
+    """
 
     def __init__(self, core: ForecastModel, profile: ProfileLookup):
         super().__init__()
         self.core = core
         self.profile = profile
+        # (T_out, 1): one gate per lead time, shared by the nodes, in units of 1 / GATE_SCALE, so that Adam (whose
+        # steps are about lr in parameter units) opens it GATE_SCALE times faster than the model's own weights move
+        self.gate_raw = nn.Parameter(torch.zeros(profile.t_out, 1))
         self.takes_targets = core.takes_targets  # a teacher-forced core is fed its own residual targets
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         base = self.profile(x)  # (B, T_out, N) scaled
         if targets is not None and self.core.takes_targets:
-            return base + self.core(x, targets=targets - base)
-        return base + self.core(x)
+            return base + self.gate * self.core(x, targets=targets - base)
+        return base + self.gate * self.core(x)
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return GATE_SCALE * self.gate_raw
 
     def after_transfer(self) -> None:
+        """A transferred seasonal model starts from the target's own profile: the gate closes again (the source's
+        correction stays in the core, and comes back as far as fine-tuning on the target opens the gate)."""
+        with torch.no_grad():
+            self.gate_raw.zero_()
         self.core.after_transfer()
