@@ -4,6 +4,7 @@ key, and `graphtune cities` lists every city's facts, user cities' from their pr
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,24 @@ def test_graphtune_cities_lists_every_city_with_its_facts(tmp_path):
     result = CliRunner().invoke(cli, ["cities", "--params", str(params)])
     assert result.exit_code == 2
     assert result.output.strip() == "graphtune: error: cities.toy.mape_floor: expected a finite number >= 0, got -1"
+
+
+def test_a_transfer_stage_onto_the_count_city(repo_root):
+    """METR-LA speeds -> Montevideo boardings (hourly counts, real zeros): finite metrics, WAPE, MAPE over the
+    readings above the floor only, lead times named in hours of minutes, the seasonal model at HA's level."""
+    from graphtune.config import ExperimentConfig, PrepareConfig, TrainConfig, TransferConfig
+    from graphtune.data.prepare import prepare_dataset
+    from graphtune.transfer.stages import run_experiment
+
+    source = prepare_dataset("metr-la-west", PrepareConfig(stride=8), root=repo_root, use_processed=False)
+    target = prepare_dataset("montevideo-bus", root=repo_root, use_processed=False)
+    result = run_experiment([source, target], ExperimentConfig(model="baseline", model_kwargs={"seasonal": True}),
+                            TrainConfig(epochs=[1], lrs=[0.003, 0.001]), TransferConfig(fractions=[1.0]))
+    stage = result.stages[1]
+    test = stage.test
+    assert all(math.isfinite(test[k]) for k in ("mae", "rmse", "wape", "mape"))
+    assert 0 < test["mape_count"] < test["count"] == 126 * 12 * 675  # zeros have no percentage error
+    assert {"mae_180min", "wape_360min", "rmse_720min"} <= set(test)  # 12 hourly steps: 3 h, 6 h, 12 h ahead
+    # at the full budget a seasonal model starts from the city's own historical average and keeps what helps
+    assert test["mae"] <= stage.reference["ha"]["mae"] + 1e-9
+    assert stage.reference["persistence"]["mae"] > stage.reference["ha"]["mae"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from graphtune.data.synthetic import synthetic_bundle
-from graphtune.errors import ConfigError
 from graphtune.config import BudgetConfig, ExperimentConfig, TrainConfig, TransferConfig, stage_value
 from graphtune.models import build_model
 from graphtune.transfer.stages import Observer, prompt_steps, run_experiment
