@@ -258,3 +258,19 @@ def test_accumulator_names_steps_by_lead_time_too():
     short_names = sorted(k for k in short.compute() if k.startswith("mae_"))
     assert short_names == ["mae_180min", "mae_240min", "mae_h3", "mae_h4"]
     assert short.compute()["mae_240min"] == pytest.approx(short.per_step()["mae"][3], rel=1e-12)
+
+
+def test_the_readme_horizon_table_is_what_the_code_names():
+    """README's table of lead times per embedded city is generated from horizon_names: they must agree."""
+    from pathlib import Path
+
+    from graphtune.data.cities import get_city
+    from graphtune.metrics import horizon_names
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for city in ("metr-la-week", "montevideo-bus"):
+        minutes = get_city(city).interval_minutes or get_city(city).facts["interval_minutes"]
+        names = horizon_names(minutes, 12)
+        table = readme[readme.index("### Horizons, metrics and what each is for"):]
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{city}`"))
+        assert row.endswith(" | ".join(f"`{names[h]}`" for h in (3, 6, 12)) + " |"), row

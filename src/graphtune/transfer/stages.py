@@ -342,6 +342,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                          "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": per_window_train * result.samples,
                          "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
                          "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
+                         "test_wape": test["wape"],
                          "val": val, "test": test}
                 points.append(point)
                 history = result.history
