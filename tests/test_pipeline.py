@@ -22,32 +22,68 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return out.stdout + out.stderr
 
 
+def copy_project(src: Path, dst: Path) -> None:
+    """A fresh copy of the project at `src`, as `git clone` + `dvc pull` would give: every git-tracked file,
+    and the data of every DVC-tracked path (a `*.dvc` file's outs), taken from `src`'s workspace. A city a
+    user added as the README says (`dvc add data/raw/my-city`) is git-ignored, so git alone would miss it."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=src, capture_output=True, check=True).stdout
+    names = [n for n in files.decode().split("\0") if n]
+    for name in names:
+        if (src / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+    for name in (n for n in names if n.endswith(".dvc")):
+        for out in (yaml.safe_load((src / name).read_text()) or {}).get("outs", []):
+            tracked = (src / name).parent / out["path"]
+            target = dst / tracked.relative_to(src)
+            if tracked.is_dir():
+                shutil.copytree(tracked, target, dirs_exist_ok=True)
+            elif tracked.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tracked, target)
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_PYTHON_REFRESH": "quiet",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_then_noop_then_partial(tmp_path):
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    project = tmp_path / "project"
-    for name in filter(None, files.decode().split("\0")):
-        if (REPO / name).is_file():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, project / name)
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    """A user's checkout with a city added exactly as the README says, copied fresh, runs the pipeline."""
+    env = _env(tmp_path)
+    user = tmp_path / "user"
+    copy_project(REPO, user)
+    _run(["git", "init", "-q"], user, env)
+    _run(["git", "add", "-A"], user, env)
+    _run(["git", "commit", "-qm", "clone"], user, env)
+    params = yaml.safe_load((user / "params.yaml").read_text())
     params["experiment"]["model"] = "baseline"  # the tiny model, one epoch: the pipeline, not the model, is tested
     params["train"]["epochs"] = [1]
     params["train"]["lrs"] = [0.003]
     params["prepare"]["stride"] = 4
-    # a user city added as the README says: its files, an entry under cities:, a line in the prepare foreach
-    shutil.copytree(REPO / "data" / "sample" / "metr-la-week", project / "data" / "raw" / "toy")
+    # the README's three steps: the city's files in data/raw/toy, an entry under cities: and a line in the
+    # prepare foreach, then `dvc add data/raw/toy`
+    shutil.copytree(REPO / "data" / "sample" / "metr-la-week", user / "data" / "raw" / "toy")
     params["cities"] = {"toy": {"directory": "data/raw/toy", "series": "metr-la-week.h5", "graph": "adj_mx.pkl",
                                 "locations": "graph_sensor_locations.csv", "series_options": {"key": "df"},
                                 "units": "mph", "null_value": 0.0}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pipeline = yaml.safe_load((project / "dvc.yaml").read_text())
+    (user / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pipeline = yaml.safe_load((user / "dvc.yaml").read_text())
     pipeline["stages"]["prepare"]["foreach"]["toy"] = "data/raw/toy"
-    (project / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (user / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    _run(["dvc", "add", "data/raw/toy"], user, env)
+    _run(["git", "add", "-A"], user, env)
+    _run(["git", "commit", "-qm", "add city toy"], user, env)
+    assert (user / "data" / "raw" / "toy.dvc").is_file()
+    assert "data/raw/toy" not in subprocess.run(["git", "ls-files"], cwd=user, capture_output=True,
+                                                text=True).stdout.replace("data/raw/toy.dvc", "")
+
+    project = tmp_path / "project"
+    copy_project(user, project)  # what the DVC test of `make test` does with the user's checkout
+    assert (project / "data" / "raw" / "toy" / "metr-la-week.h5").is_file()
     (project / "dvc.lock").unlink(missing_ok=True)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_PYTHON_REFRESH": "quiet",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     _run(["git", "init", "-q"], project, env)
     _run(["git", "add", "-A"], project, env)
     _run(["git", "commit", "-qm", "copy"], project, env)

@@ -46,8 +46,9 @@ NON_NEGATIVE = number(min=0)
 class PrepareConfig:
     """`prepare:` how raw city files become processed arrays and windows."""
 
-    # the embedded real sample; at least one, or the DVC prepare stage would write nothing
-    cities: list[str] = option(["metr-la-week", "metr-la-west", "metr-la-east"], list_of(text(nonempty=True)))
+    # the embedded real samples (speeds and counts); at least one, or the DVC prepare stage would write nothing
+    cities: list[str] = option(["metr-la-week", "metr-la-west", "metr-la-east", "montevideo-bus"],
+                               list_of(text(nonempty=True)))
     processed_dir: str = option("data/processed", text(nonempty=True))  # the DVC prepare stage's output folder
     # local | url | hf | auto (local first, then the registered sources)
     data_source: str = option("local", choice("local", "url", "hf", "auto"))
