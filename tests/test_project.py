@@ -91,3 +91,26 @@ def test_console_script_usage_errors_are_one_line():
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("graphtune: error:") and needle in lines[0], out.stderr
+
+
+def test_mlproject_options_reach_the_cli_resolved_and_never_empty():
+    """`mlflow run . -P name=value` appends `--name value`; every documented name is a CLI option, and no
+    entry point declares an empty default, which MLflow would log as the param value ''."""
+    import shlex
+
+    from mlflow.projects import _project_spec
+
+    project = _project_spec.load_project(str(REPO))
+    for name, entry in yaml.safe_load((REPO / "MLproject").read_text())["entry_points"].items():
+        for pname, spec in entry.get("parameters", {}).items():
+            assert spec.get("default", None) != "", f"{name}.{pname} has an empty default"
+    given = {"datasets": "metr-la-west,metr-la-east", "model": "baseline", "strategy": "scratch",
+             "fractions": "0.5", "fewshot_mode": "steps", "epochs": "1", "lrs": "0.003", "seed": "2",
+             "device": "cpu", "system_metrics": "false", "output_dir": "out", "experiment_name": "x",
+             "set": "train.batch_size=32"}
+    command = project.get_entry_point("main").compute_command(given, storage_dir=None)
+    argv = shlex.split(command)
+    assert argv[:2] == ["graphtune", "experiment"]
+    ctx = cli.commands["experiment"].make_context("experiment", argv[2:])
+    assert ctx.params["fewshot_mode"] == "steps" and ctx.params["output_dir"] == "out"
+    assert ctx.params["overrides"] == ("train.batch_size=32",) and ctx.params["datasets"] == "metr-la-west,metr-la-east"

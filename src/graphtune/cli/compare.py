@@ -16,8 +16,10 @@ from graphtune.cli import cli, load_params, params_option, set_option, user_erro
               "\"params.`experiment.model` = 'gwnet'\" (default: compare.filter).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="keep runs with this tag (repeatable).")
 @click.option("--parent-run", "--parent_run", default=None, help="only this experiment run (a parent run id).")
-@click.option("--output-dir", "--output_dir", default=None, help="where leaderboard.csv/.md/.png go (default: compare.output_dir).")
-@click.option("--tracking-uri", "--tracking_uri", default=None, help="MLflow tracking store (default: tracking.tracking_uri, "
+@click.option("--output-dir", "--output_dir", default=None,
+              help="where leaderboard.csv/.md/.png go (default: compare.output_dir).")
+@click.option("--tracking-uri", "--tracking_uri", default=None,
+              help="MLflow tracking store (default: tracking.tracking_uri, "
               "$MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).")
 @user_errors
 def compare(params_path, overrides, experiment_names, filter_string, tags, parent_run, output_dir, tracking_uri):

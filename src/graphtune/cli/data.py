@@ -15,7 +15,8 @@ from graphtune.cli import cli, load_params, params_option, set_option, user_erro
 @click.option("--data-source", "--data_source", type=click.Choice(["", "local", "url", "hf", "auto"]), default=None,
               help="where raw files come from: local files, registered URLs, the Hugging Face hub, or auto "
                    "(local first, then the sources). Default: prepare.data_source.")
-@click.option("--processed-dir", "--processed_dir", default=None, help="output folder (default: prepare.processed_dir).")
+@click.option("--processed-dir", "--processed_dir", default=None,
+              help="output folder (default: prepare.processed_dir).")
 @user_errors
 def prepare(cities, params_path, overrides, data_source, processed_dir):
     """Write data/processed/<city>/ (arrays + meta.json) from a city's raw files: the DVC prepare stage."""
@@ -49,7 +50,8 @@ def _prepared_summary(meta_path) -> str:
 @cli.command()
 @click.option("--city", "cities", multiple=True, required=True,
               help="city whose raw files to fetch into its folder (repeatable or comma-separated).")
-@click.option("--data-source", "--data_source", type=click.Choice(["url", "hf", "auto"]), default="auto", show_default=True,
+@click.option("--data-source", "--data_source", type=click.Choice(["url", "hf", "auto"]), default="auto",
+              show_default=True,
               help="url: the registered (or overridden) URL; hf: the Hugging Face dataset repo; "
                    "auto: keep a verified local copy, else try the URL, then the hub.")
 @params_option

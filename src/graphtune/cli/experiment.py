@@ -31,7 +31,8 @@ def _experiment_options(fn):
         click.option("--lrs", default=None, help="learning rates per stage, comma-separated (default: train.lrs)."),
         click.option("--seed", default=None, help="random seed, an integer (default: experiment.seed)."),
         click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: experiment.device)."),
-        click.option("--output-dir", "--output_dir", default=None, help="where results.json, results.csv and the plots go "
+        click.option("--output-dir", "--output_dir", default=None,
+                     help="where results.json, results.csv and the plots go "
                      "(default: experiment.output_dir)."),
         click.option("--experiment-name", "--experiment_name", default=None, help="MLflow experiment (default: "
                      "tracking.experiment_name)."),
@@ -51,7 +52,8 @@ def _transfer_options(fn):
                      "freeze-transferred, scratch, ...; default: experiment.strategy)."),
         click.option("--fractions", default=None, help="budget curve: fractions of the target's training data in "
                      "(0, 1], comma-separated (default: transfer.fractions)."),
-        click.option("--fewshot-mode", "--fewshot_mode", default=None, help="subset, steps or both (default: transfer.fewshot_mode)."),
+        click.option("--fewshot-mode", "--fewshot_mode", default=None,
+                     help="subset, steps or both (default: transfer.fewshot_mode)."),
     ]
     for option in reversed(options):
         fn = option(fn)
