@@ -14,11 +14,16 @@ export MLFLOW_DISABLE_TELEMETRY := true
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# One line per step; pip's own output (and its download bars on a terminal) shows the long step's progress.
 $(BIN)/.installed: requirements.txt pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@echo "==> [1/3] $(VENV): a virtual environment with $$($(PYTHON) --version 2>&1)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] the pinned requirements (torch CPU build, mlflow, dvc, ...): a few minutes the first time"
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -r requirements.txt
+	@echo "==> [3/3] graphtune itself (editable: your edits to src/ take effect at once)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	touch $@
+	@touch $@
+	@echo "==> ready: $(VENV) ($$($(BIN)/python -c 'import torch, mlflow; print("torch", torch.__version__, "- mlflow", mlflow.__version__)'))"
 
 install: $(BIN)/.installed  ## create .venv and install the pinned requirements and the package
 
@@ -38,6 +43,7 @@ repro: install  ## the DVC pipeline (prepare -> experiment -> compare)
 	$(BIN)/dvc repro
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
+	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 clean:  ## remove local state (keeps .venv and the DVC cache)
