@@ -121,13 +121,14 @@ class _Capture(Observer):
     """Keeps each stage's trained state and every budget point."""
 
     def __init__(self):
-        self.states, self.points = {}, {}
+        self.states, self.points, self.sources = {}, {}, {}
 
     def budget_done(self, index, point):
         self.points[point["fraction"]] = point
 
     def stage_done(self, result, source, model=None, example=None):
         self.states[result.stage] = source.state
+        self.sources[result.stage] = source
 
 
 def _tampered(bundle, hidden: torch.Tensor):
@@ -203,6 +204,19 @@ def test_zero_shot_uses_the_source_scaler_and_points_refit_their_own(cities):
     capture = _Capture()
     result = run([source, target], fractions=[0.2], observer=capture)
     assert result.stages[1].zero_shot_data["scaler"] == "source"
+    # ... and the zero-shot numbers are the pretrained model's on the target scaled by the source's statistics
+    from graphtune.data.bundle import Scaler
+    from graphtune.engine import evaluate
+    from graphtune.transfer.strategies import StrategyContext, get_strategy
+
+    def zero_shot_mae(scaler):
+        view = target.restrict(target.window_starts("train")[:0], fallback_scaler=scaler)
+        ctx = StrategyContext(sources=(capture.sources[0],), target=view, model="baseline", model_kwargs={}, seed=0,
+                              device="cpu", fraction=0.0)
+        return evaluate(get_strategy("full").adapt(ctx).model, view, "val")["mae"]
+
+    assert result.stages[1].zero_shot_val["mae"] == pytest.approx(zero_shot_mae(Scaler(**capture.sources[0].scaler)))
+    assert result.stages[1].zero_shot_val["mae"] != pytest.approx(zero_shot_mae(target.scaler))
     assert capture.points[0.2]["data"]["scaler"] == "visible readings"
     view = target.restrict(sample_windows(target.window_starts("train"), 0.2, "subset", 0))
     lo, hi = target.splits["train"]
@@ -228,7 +242,7 @@ def test_a_strategy_is_one_class_that_registers_itself(cities):
             transfer = load_partial_state(model, ctx.source.state, same_nodes=ctx.same_nodes)
             for name, p in model.named_parameters():
                 p.requires_grad_(name.endswith("bias"))
-            return Adapted(model, report_for(model, ctx, transfer))
+            return Adapted(model, report_for(model, transfer))
 
     try:
         result = run(cities, strategy="bias-only-test", fractions=[0.2], min_gain_rate=-1e9, min_rel_improve=-1e9)
@@ -244,3 +258,18 @@ def test_a_strategy_is_one_class_that_registers_itself(cities):
     assert stage.transfer["transferred"] and stage.transfer["trainable_share"] == pytest.approx(
         biases / stage.static_eff["params_total"])
     assert "bias-only-test" not in STRATEGIES
+
+
+def test_a_stage_is_profiled_as_built_whatever_ran_before_in_the_process(cities):
+    """Costs come from the model each stage built: two runs in one process whose models share every parameter
+    shape but differ in an option (BigST's random features are a buffer) get their own FLOPs."""
+    from graphtune.profiling import profile_model
+
+    per_window = {}  # forward FLOPs of one window (a profile's batch is smaller when a split has fewer windows)
+    for dim in (8, 64):
+        result = run(cities, "bigst", kwargs={"random_feature_dim": dim}, fractions=[0.2])
+        per_window[dim] = result.stages[1].cost["infer_flops_per_window"]
+        prof = profile_model(build_model("bigst", cities[1], random_feature_dim=dim), cities[1],
+                             batch_size=ONE.batch_size, thop=False)
+        assert per_window[dim] == pytest.approx(prof["flops"] / prof["batch_size"])
+    assert per_window[8] < per_window[64]

@@ -37,15 +37,14 @@ class FitResult:
     val_time_s: float = 0.0  # time in the per-epoch validations
     fit_time_s: float = 0.0  # wall time of the whole fit: steps, validations, checkpoint copies
     start_val: dict | None = None  # validation metrics of the starting weights (a candidate like every epoch)
+    best_val: dict | None = None  # validation metrics of best_state, the weights the model holds on return
     stopped_reason: str = "completed"  # completed | early_stopping | time_budget | no_trainable_parameters
     steps: int = 0  # optimizer steps taken in total
     samples: int = 0  # training windows processed in total (the batch sizes of all steps summed)
 
     @property
     def best_val_mae(self) -> float:
-        if self.best_epoch:
-            return self.history[self.best_epoch - 1]["val_mae"]
-        return self.start_val["mae"] if self.start_val else math.nan
+        return self.best_val["mae"] if self.best_val else math.nan
 
 
 @torch.no_grad()
@@ -117,7 +116,7 @@ def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: i
     # The starting weights are a candidate like every epoch: fine-tuning never returns a state that is worse on
     # validation than the one it started from (a transferred model that training only degrades stays as it was).
     start_val = evaluate(model, bundle, "val", batch_size=train.batch_size, device=device)
-    result = FitResult(best_state=_copy_state(model), best_epoch=0, start_val=start_val)
+    result = FitResult(best_state=_copy_state(model), best_epoch=0, start_val=start_val, best_val=start_val)
     best_key, stale = (start_val["mae"] if math.isfinite(start_val["mae"]) else math.inf), 0
     try:
         for epoch in range(1, epochs + 1):
@@ -144,6 +143,7 @@ def fit(model: nn.Module, bundle: DatasetBundle, train: TrainConfig, *, stage: i
             bar.set_postfix(epoch=epoch, val_mae=f"{val['mae']:.4f}")
             if val["mae"] < best_key:
                 result.best_state, result.best_epoch, best_key, stale = _copy_state(model), epoch, val["mae"], 0
+                result.best_val = val
             else:
                 stale += 1
             if on_epoch_end is not None:

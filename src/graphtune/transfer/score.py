@@ -283,6 +283,15 @@ class ComparableScore:
     def to_dict(self) -> dict:
         return {"score": self.score, "stages": [asdict(s) for s in self.stages]}
 
+    @property
+    def mean_skill(self) -> float:
+        """The stages' skill, weighted as the score weighs them."""
+        return sum(s.difficulty_weight * s.skill for s in self.stages)
+
+    @property
+    def mean_transfer_auc(self) -> float:
+        return sum(s.difficulty_weight * s.transfer_auc for s in self.stages)
+
 
 def skill(rmse: float | None, ref_rmse: float) -> float:
     """Skill against the historical average, in (-1, 1]: 1 - q for q = rmse / ref <= 1, else 1 / q - 1.

@@ -45,7 +45,7 @@ from graphtune.engine import evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
-from graphtune.transfer.budget import BudgetScheduler, check_fraction, sample_windows, steps_cap
+from graphtune.transfer.budget import BudgetScheduler, sample_windows, steps_cap
 from graphtune.transfer.score import (ComparableScore, ScoreResult, StageInputs, StageMeasures, budgets_from_config,
                                       comparable_score, score_experiment)
 from graphtune.transfer.strategies import SourceModel, StrategyContext, get_strategy
@@ -87,6 +87,11 @@ class StageResult:
     @property
     def zero_rmse(self) -> float | None:
         return None if self.zero_shot_test is None else self.zero_shot_test["rmse"]
+
+    @property
+    def rmse_curve(self) -> list[tuple[float, float]]:
+        """(fraction, test RMSE) of each budget point: the curve both scores integrate."""
+        return [(p["fraction"], p["test_rmse"]) for p in self.curve]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -162,35 +167,23 @@ class Observer:
 
 # ----------------------------------------------------------------------------- checks
 def check_transfer(transfer: TransferConfig) -> None:
-    """The budget curve's options that the section's own checks cannot see: order, repeats, the mode."""
-    if not transfer.fractions:
-        raise ConfigError("transfer.fractions: expected at least one budget fraction in (0, 1]")
-    fractions = [check_fraction(f) for f in transfer.fractions]
+    """What the section's own checks (graphtune.config: each fraction in (0, 1], the mode, patience) cannot
+    see: the curve's order and repeats."""
+    fractions = [float(f) for f in transfer.fractions]
     if fractions != sorted(set(fractions)):
         raise ConfigError(f"transfer.fractions: expected increasing fractions without repeats, got {fractions}")
-    BudgetScheduler(transfer)  # validates patience
-    sample_windows(torch.arange(2), fractions[0], transfer.fewshot_mode, 0)  # validates the mode
 
 
 # ----------------------------------------------------------------------------- measuring
-_PROFILES: dict[tuple, tuple[dict, dict]] = {}  # one profile per model shape and trainable set, per process
-
-
 def _efficiency(model: nn.Module, bundle: DatasetBundle, batch_size: int) -> tuple[dict, dict]:
     """Static cost (parameters, size) and FLOPs (forward, training step) of `model` on `bundle`'s graph.
 
-    Profiled once per model shape: the key is the model's class, its parameter shapes and trainable set
-    and the node count, which is all that FlopCounterMode's count depends on. thop's cross-check is left to
-    `graphtune models --profile`. Called before a stage's resource window opens, so none of this is timed.
+    Profiled once per stage (every point of a stage has the same model shape and trainable set), outside its
+    resource windows, so none of this is timed. thop's cross-check is left to `graphtune models --profile`.
     """
-    shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters())
-    key = (type(model).__qualname__, shapes, bundle.num_nodes, bundle.t_in, bundle.t_out, batch_size)
-    if key not in _PROFILES:
-        prof = profile_model(model, bundle, batch_size=batch_size, thop=False)
-        _PROFILES[key] = ({k: prof[k] for k in ("params_total", "params_trainable", "size_mb")},
-                          {k: prof[k] for k in ("flops", "macs", "train_flops", "thop_macs", "batch_size")})
-    static, flops = _PROFILES[key]
-    return dict(static), dict(flops)
+    prof = profile_model(model, bundle, batch_size=batch_size, thop=False)
+    return ({k: prof[k] for k in ("params_total", "params_trainable", "size_mb")},
+            {k: prof[k] for k in ("flops", "macs", "train_flops", "thop_macs", "batch_size")})
 
 
 def _cost(static: dict, flops: dict, samples: int) -> dict:
@@ -203,14 +196,15 @@ def _cost(static: dict, flops: dict, samples: int) -> dict:
 
 def _dynamic(monitors: list[ResourceMonitor], fits: list) -> dict:
     """Time and memory of a stage, over the windows its points were measured in: train_time_s counts training
-    steps only, val_time_s the validations, wall_time_s every window; the peaks are the highest of them (each
-    above the memory in use when its window opened)."""
+    steps only, val_time_s the validations, fit_time_s the fits' wall time (steps, validations, checkpoint
+    copies: the clock budgets.time_sec applies to), wall_time_s every window; the peaks are the highest of
+    them (each above the memory in use when its window opened)."""
     def peak(values):
         values = [v for v in values if v is not None]
         return max(values) if values else None
 
     return {"train_time_s": sum(f.train_time_s for f in fits), "val_time_s": sum(f.val_time_s for f in fits),
-            "wall_time_s": sum(m.elapsed_s for m in monitors), "peak_rss_mb": peak(m.peak_rss_mb for m in monitors),
+            "fit_time_s": sum(f.fit_time_s for f in fits), "wall_time_s": sum(m.elapsed_s for m in monitors), "peak_rss_mb": peak(m.peak_rss_mb for m in monitors),
             "peak_gpu_mb": peak(m.peak_gpu_mb for m in monitors)}
 
 
@@ -251,8 +245,7 @@ def pretrain_stage(bundle: DatasetBundle, experiment: ExperimentConfig, train: T
         with ResourceMonitor(device) as monitor:
             result = fit(net, bundle, train, stage=0, n_stages=n_stages, seed=seed, device=device,
                          time_budget_s=time_budget_s, on_epoch_end=lambda _, e: observer.epoch(e))
-            val = _require_finite(evaluate(net, bundle, "val", batch_size=batch, device=device),
-                                  f"{bundle.name}: pretraining, validation")
+            val = _require_finite(_best_val(result, net, bundle, batch, device), f"{bundle.name}: pretraining, validation")
             test = _require_finite(evaluate(net, bundle, "test", batch_size=batch, device=device),
                                    f"{bundle.name}: pretraining, test")
         reference = city_references(bundle, batch_size=batch, device=device)
@@ -288,22 +281,19 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
     window = prompt_steps(bundle, transfer.prompt_days) if strategy.uses_prompt_window else 0
     all_starts = bundle.window_starts("train")
 
-    def adapt(view: DatasetBundle, fraction: float):
-        return strategy.adapt(StrategyContext(sources=sources, target=view, model=model, model_kwargs=model_kwargs,
-                                              seed=seed, device=str(device), fraction=fraction))
+    def context(view: DatasetBundle, fraction: float) -> StrategyContext:
+        return StrategyContext(sources=sources, target=view, model=model, model_kwargs=model_kwargs, seed=seed,
+                               device=str(device), fraction=fraction)
 
     with observer.stage(index, "transfer", bundle.name):
-        zero_val = zero_test = zero_data = zero_view = None
+        zero_val = zero_test = zero_data = zero_view = static = flops = None
         scheduler = BudgetScheduler(transfer)
         if strategy.loads_source:
             zero_view = bundle.restrict(all_starts[:0], prompt_steps=window, fallback_scaler=source_scaler)
-            adapted = adapt(zero_view, 0.0)
+            ctx = context(zero_view, 0.0)
+            adapted = strategy.adapt(ctx)
             net, report = adapted.model, adapted.report
             static, flops = _efficiency(net, zero_view, batch)
-        else:  # no zero-shot point: profile the model as the first point adapts it (rebuilt there, same seed)
-            first = transfer.fractions[0]
-            probe = bundle.restrict(sample_windows(all_starts, first, transfer.fewshot_mode, seed), prompt_steps=window)
-            static, flops = _efficiency(adapt(probe, first).model, probe, batch)
         points, fits, monitors, history, stopped_reason, view = [], [], [], [], "completed", None
         if zero_view is not None:
             with ResourceMonitor(device) as monitor:
@@ -313,7 +303,6 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             monitors.append(monitor)
             zero_data = zero_view.data_used
             scheduler.update(0.0, zero_val["mae"])
-        per_window_train = flops["train_flops"] / flops["batch_size"]
         for fraction in transfer.fractions:
             spent = sum(f.fit_time_s for f in fits)
             remaining = None if time_budget_s is None else time_budget_s - spent
@@ -321,25 +310,29 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                 stopped_reason = "time_budget"
                 break
             with observer.budget(index, bundle.name, fraction):
-                with ResourceMonitor(device) as monitor:  # each point's own time and memory
-                    starts = sample_windows(all_starts, fraction, transfer.fewshot_mode, seed)
-                    view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
-                    adapted = adapt(view, fraction)
+                # the point's data, as a pretraining stage's, is set up outside its resource window
+                starts = sample_windows(all_starts, fraction, transfer.fewshot_mode, seed)
+                view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
+                ctx = context(view, fraction)
+                cap = steps_cap(all_starts.numel(), batch, fraction, transfer.fewshot_mode)
+                with ResourceMonitor(device) as monitor:  # each point's own time and memory, its adaptation in
+                    adapted = strategy.adapt(ctx)
                     net, report = adapted.model, adapted.report
-                    cap = steps_cap(all_starts.numel(), batch, fraction, transfer.fewshot_mode)
                     result = fit(net, view, train, stage=index, n_stages=n_stages, seed=seed, device=device,
-                                 train_starts=starts, max_steps_per_epoch=cap, time_budget_s=remaining,
+                                 max_steps_per_epoch=cap, time_budget_s=remaining,
                                  on_epoch_end=lambda _, e: observer.epoch(e))
                     where = f"{bundle.name}: fine-tuned at fraction {fraction:g}"
-                    val = _require_finite(evaluate(net, view, "val", batch_size=batch, device=device), where)
+                    val = _require_finite(_best_val(result, net, view, batch, device), where)
                     test = _require_finite(evaluate(net, view, "test", batch_size=batch, device=device), where)
+                if static is None:  # no zero-shot point (scratch): the first point's model, after its window
+                    static, flops = _efficiency(net, view, batch)
                 monitors.append(monitor)
                 fits.append(result)
                 point = {"fraction": fraction, "windows": int(starts.numel()), "data": view.data_used,
                          "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
                          "best_epoch": result.best_epoch, "train_time_s": result.train_time_s,
                          "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
-                         "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": per_window_train * result.samples,
+                         "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": _cost(static, flops, result.samples)["train_flops"],
                          "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
                          "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
                          "test_wape": test["wape"],
@@ -362,7 +355,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             reference=reference, cost=_cost(static, flops, sum(f.samples for f in fits)), data=final_view.data_used,
             zero_shot_val=zero_val, zero_shot_test=zero_test, zero_shot_data=zero_data,
             curve=[{k: v for k, v in p.items() if k not in ("val", "test")} for p in points],
-            transfer=report.summary(bool(sources) and list(sources[-1].sensor_ids) == list(bundle.sensor_ids)),
+            transfer=report.summary(ctx.same_nodes),
             scheduler={"stopped_at": scheduler.stopped_at, "reason": scheduler.stop_reason,
                        "saved_budget": scheduler.saved_budget(transfer.fractions), "steps": scheduler.steps},
             history=history, stopped_reason=stopped_reason,
@@ -373,17 +366,24 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
     return stage, new_source
 
 
+def _best_val(result, net: nn.Module, view: DatasetBundle, batch: int, device) -> dict:
+    """Validation metrics of the weights `net` holds after `fit`: fit's own, else (nothing trained) measured."""
+    if result.best_val is not None:
+        return result.best_val
+    return evaluate(net, view, "val", batch_size=batch, device=device)
+
+
 def _usage(s: StageResult) -> dict:
     """The measured resources the budgets (budgets.*) apply to, in score units."""
     return {"mem_mb": s.dynamic_eff["peak_gpu_mb"] if s.dynamic_eff.get("peak_gpu_mb") else s.dynamic_eff["peak_rss_mb"],
-            "time_s": s.dynamic_eff["train_time_s"], "flops": s.flops["flops"],
+            "time_s": s.dynamic_eff["fit_time_s"], "flops": s.flops["flops"],
             "trainable_params": s.static_eff["params_trainable"]}
 
 
 def score_stages(stages: list[StageResult], weights: ScoreConfig, budgets: dict | None) -> ScoreResult:
     """GraphTune-lite's S_uep over the stages; also writes each stage's S_uep parts into `stage.suep`."""
     inputs = [StageInputs(test_rmse=s.test_rmse, zero_rmse=s.zero_rmse,
-                          curve=[(p["fraction"], p["test_rmse"]) for p in s.curve], **_usage(s),
+                          curve=s.rmse_curve, **_usage(s),
                           difficulty=s.difficulty["difficulty_proxy"], name=f"{s.stage}:{s.city}") for s in stages]
     result = score_experiment(inputs, weights, budgets)
     for stage, part in zip(stages, result.stages):
@@ -397,7 +397,7 @@ def stage_measures(s: StageResult) -> StageMeasures:
     """A stage's inputs to the comparable score."""
     return StageMeasures(
         ref_rmse=s.reference["ha"]["rmse"], test_rmse=s.test_rmse, zero_rmse=s.zero_rmse,
-        curve=[(p["fraction"], p["test_rmse"]) for p in s.curve],
+        curve=s.rmse_curve,
         transferred=True if s.transfer is None else s.transfer["transferred"], kind=s.kind,
         finetune_flops=s.cost["train_flops"], trainable_params=s.cost["trainable_params"], size_mb=s.cost["size_mb"],
         infer_flops=s.cost["infer_flops_per_window"], usage=_usage(s), difficulty=s.difficulty["difficulty_proxy"],
@@ -447,8 +447,7 @@ def reference_scores(stages: list[StageResult], weights: ScoreConfig) -> dict:
         result = comparable_score(measures, weights)
         weights_ = [p.difficulty_weight for p in result.stages]
         out[name] = {"score": result.score,
-                     "mean_skill": sum(p.difficulty_weight * p.skill for p in result.stages),
-                     "mean_transfer_auc": sum(p.difficulty_weight * p.transfer_auc for p in result.stages),
+                     "mean_skill": result.mean_skill, "mean_transfer_auc": result.mean_transfer_auc,
                      "test_rmse": sum(w * s.reference[name]["rmse"] for w, s in zip(weights_, scored)),
                      "test_mae": sum(w * s.reference[name]["mae"] for w, s in zip(weights_, scored)),
                      "final_test_rmse": scored[-1].reference[name]["rmse"],

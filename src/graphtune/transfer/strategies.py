@@ -100,7 +100,6 @@ class StrategyReport:
     loaded_params: int = 0  # learnable parameter elements loaded from a source
     total_params: int = 0  # learnable parameter elements of the returned model
     trainable_params: int = 0  # of those, the ones fine-tuning may change
-    data: dict = field(default_factory=dict)  # what the point's view exposed (windows, steps, days, readings)
 
     @property
     def transferred(self) -> bool:
@@ -164,7 +163,7 @@ def list_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
-def report_for(model: ForecastModel, ctx: StrategyContext, transfer: TransferReport | None = None) -> StrategyReport:
+def report_for(model: ForecastModel, transfer: TransferReport | None = None) -> StrategyReport:
     """The report of a model as a strategy returns it: what `transfer` loaded, what the model has besides."""
     learnable = dict(model.named_parameters())
     loaded = list(transfer.copied) if transfer is not None else []
@@ -173,8 +172,7 @@ def report_for(model: ForecastModel, ctx: StrategyContext, transfer: TransferRep
         skipped=dict(transfer.skipped) if transfer is not None else {},
         loaded_params=transfer.transferred_params if transfer is not None else 0,
         total_params=sum(p.numel() for p in learnable.values()),
-        trainable_params=sum(p.numel() for p in learnable.values() if p.requires_grad),
-        data=dict(ctx.target.data_used or {}))
+        trainable_params=sum(p.numel() for p in learnable.values() if p.requires_grad))
 
 
 def _load_source(ctx: StrategyContext) -> tuple[ForecastModel, TransferReport]:
@@ -194,7 +192,7 @@ class Full(Strategy):
         model, transfer = _load_source(ctx)
         for p in model.parameters():
             p.requires_grad_(True)
-        return Adapted(model, report_for(model, ctx, transfer))
+        return Adapted(model, report_for(model, transfer))
 
 
 @register_strategy("freeze-transferred")
@@ -210,7 +208,7 @@ class FreezeTransferred(Strategy):
         copied = set(transfer.copied)
         for name, p in model.named_parameters():
             p.requires_grad_(name not in copied)
-        return Adapted(model, report_for(model, ctx, transfer))
+        return Adapted(model, report_for(model, transfer))
 
 
 @register_strategy("scratch")
@@ -224,4 +222,4 @@ class Scratch(Strategy):
         model = ctx.build()
         for p in model.parameters():
             p.requires_grad_(True)
-        return Adapted(model, report_for(model, ctx))
+        return Adapted(model, report_for(model))
