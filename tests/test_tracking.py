@@ -317,10 +317,28 @@ def test_run_left_open_inside_is_ended_with_its_parent(store):
     assert mlflow.active_run() is None
 
 
+def test_a_resumed_mlflow_run_keeps_the_whole_tree_in_its_experiment(store, monkeypatch):
+    """`mlflow run` starts the project's run in its own experiment and passes it on as MLFLOW_RUN_ID: the runs
+    opened inside it land there too, whatever tracking.experiment_name says."""
+    client = MlflowClient(store)
+    outer = client.create_run(client.create_experiment("project")).info
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer.run_id)
+    tracker = Tracker(experiment_name="mine")
+    with tracker.run("exp") as parent_id:
+        with tracker.run("stage", nested=True) as stage_id:
+            pass
+    assert parent_id == outer.run_id
+    assert client.get_run(stage_id).info.experiment_id == outer.experiment_id
+    assert client.get_run(stage_id).data.tags["mlflow.parentRunId"] == parent_id
+    assert client.get_experiment_by_name("mine") is None  # nothing was split off into another experiment
+
+
 def test_misuse_is_reported(store):
     tracker = Tracker()
     with pytest.raises(RuntimeError, match="outside Tracker.run"):
         tracker.log_metrics({"a": 1.0})
+    with pytest.raises(RuntimeError, match=r"Tracker.log_model called outside Tracker.run"):
+        tracker.log_model(torch.nn.Linear(2, 1), torch.zeros(1, 2))
     with tracker.run("exp"):
         with pytest.raises(RuntimeError, match="nested=True"):
             with tracker.run("second-top-level"):

@@ -31,6 +31,7 @@ import mlflow  # noqa: E402  (after graphtune.tracking.store, which sets GIT_PYT
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.environment_variables import MLFLOW_RUN_ID  # noqa: E402
 
 from graphtune.errors import ConfigError  # noqa: E402
 
@@ -201,8 +202,10 @@ class Tracker:
     def experiment_id(self) -> str:
         """The id of `experiment_name`, created on first use (artifacts beside a sqlite store).
 
-        The experiment is tagged as a model-training one (EXPERIMENT_KIND_TAG), so MLflow 3's UI opens it on
-        its runs, not on the GenAI overview; a kind the user chose in the UI is kept.
+        The experiment is tagged as a model-training one (EXPERIMENT_KIND_TAG), MLflow's documented experiment
+        type; a kind the user chose in the UI is kept. (MLflow 3.17's UI still opens on its GenAI/Model training
+        switch: see the README.) Once a run tree is open, this is the experiment of its outermost run, which
+        `mlflow run` (MLFLOW_RUN_ID) or an enclosing run may have placed elsewhere: the whole tree stays in one.
         """
         if self._experiment_id is not None:
             return self._experiment_id
@@ -225,10 +228,26 @@ class Tracker:
                 f"tracking experiment {self.experiment_name!r} is deleted in {self.tracking_uri}; "
                 "restore it (mlflow experiments restore) or choose another experiment name"
             )
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # e.g. created by `mlflow run` before we opened it
-            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self._tag_kind(experiment)
         self._experiment_id = experiment.experiment_id
         return self._experiment_id
+
+    def _tag_kind(self, experiment) -> None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # e.g. created by `mlflow run` before we opened it
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+    def _tree_experiment(self, first: bool, nested: bool) -> str | None:
+        """The experiment a new run goes in: its tree's. A tree's first run resumed from MLFLOW_RUN_ID (as
+        `mlflow run` starts one) or nested under someone else's active run is in that run's experiment (None:
+        MLflow resumes the run where it is); otherwise in `experiment_name`'s."""
+        if not first:
+            return self._experiment_id
+        enclosing = mlflow.active_run() if nested else None
+        if enclosing is not None:
+            return enclosing.info.experiment_id
+        if not nested and MLFLOW_RUN_ID.get():
+            return None
+        return self.experiment_id()
 
     def _current(self, what: str) -> str:
         if not self._run_ids:
@@ -275,7 +294,7 @@ class Tracker:
                 scope.enter_context(_global_tracking_uri(self.tracking_uri))
                 scope.enter_context(_sigterm_unwinds())
             active = mlflow.start_run(
-                experiment_id=self.experiment_id(),  # nested runs would otherwise land in experiment "0"
+                experiment_id=self._tree_experiment(first, nested),  # nested runs would otherwise land in "0"
                 run_name=name,
                 nested=nested,
                 tags=all_tags,
@@ -285,6 +304,9 @@ class Tracker:
                 log_system_metrics=False if nested else (True if self.system_metrics else None),
             )
             run_id = active.info.run_id
+            if first and active.info.experiment_id != self._experiment_id:  # adopted: tag it as ours would be
+                self._experiment_id = active.info.experiment_id
+                self._tag_kind(self.client.get_experiment(self._experiment_id))
             self._run_ids.append(run_id)
             status = RunStatus.FINISHED
             try:
@@ -361,26 +383,21 @@ class Tracker:
                 entries.append(Metric(_key(key), number, timestamp, int(step or 0)))
         return entries
 
+    def log_steps(self, rows) -> None:
+        """(step, metrics dict) pairs -> metrics at their steps, all in one batch (one store transaction)."""
+        if not self.enabled:
+            return
+        run_id = self._current("log_steps")
+        self.client.log_batch(run_id, metrics=[m for step, metrics in rows for m in self._metric_entries(metrics, step)])
+
     def log_history(self, history: list[dict], prefix: str = "") -> None:
         """Per-epoch dicts -> metrics with step = the row's "epoch" (else its index), all in one batch.
 
         log_history([{"epoch": 0, "loss": 0.9}, {"epoch": 1, "loss": 0.7}], prefix="train/")
         logs train/loss at steps 0 and 1.
         """
-        if not self.enabled:
-            return
-        run_id = self._current("log_history")
-        timestamp = _now_ms()
-        entries = []
-        for index, row in enumerate(history):
-            step = int(row.get("epoch", index))
-            for key, value in flatten(row).items():
-                if key == "epoch":
-                    continue
-                number = _to_float(key, value)
-                if number is not None:
-                    entries.append(Metric(_key(f"{prefix}{key}"), number, timestamp, step))
-        self.client.log_batch(run_id, metrics=entries)
+        self.log_steps((int(row.get("epoch", index)), {f"{prefix}{k}": v for k, v in row.items() if k != "epoch"})
+                       for index, row in enumerate(history))
 
     def set_tags(self, tags: dict) -> None:
         """Set tags on the current run; mappings and lists are stored as compact JSON."""
@@ -461,6 +478,7 @@ class Tracker:
         """
         if not self.enabled:
             return None
+        self._current("log_model")  # never a run-less model in MLflow's global store
         import logging
 
         import mlflow.pytorch

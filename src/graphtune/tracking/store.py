@@ -42,14 +42,9 @@ def resolve_tracking_uri(tracking_uri: str | os.PathLike | None = None) -> str:
         if path and path != ":memory:" and not path.startswith("/"):
             path = str(Path(path).resolve())
         return f"sqlite:///{path}" + (f"?{query}" if query else "")
-    if "://" not in uri and uri not in ("databricks",):
-        if uri.endswith((".db", ".sqlite")):
-            return f"sqlite:///{Path(uri).resolve()}"
-        raise ConfigError(
-            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
-            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
-        )
-    if uri.startswith("file:"):
+    if "://" not in uri and uri != "databricks" and uri.endswith((".db", ".sqlite")):
+        return f"sqlite:///{Path(uri).resolve()}"
+    if ("://" not in uri and uri != "databricks") or uri.startswith("file:"):
         raise ConfigError(
             f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
             "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
@@ -131,19 +126,25 @@ def _client_for_reading(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     return _new_client(uri), uri
 
 
-def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
-    """Whether `run_id` is a run (of any status) in the store; False if a sqlite store does not exist."""
+def _client_with_run(run_id: str, tracking_uri: str | None) -> MlflowClient | None:
+    """A client on the store that holds `run_id` (of any status); None when the run, or a sqlite store, does not
+    exist (and no empty store is created just to look into it)."""
     db = _sqlite_path(resolve_tracking_uri(tracking_uri))
     if db is not None and not db.is_file():
-        return False  # and do not create an empty store just to look into it
+        return None
     client, _ = _client_for_reading(tracking_uri)
     try:
         client.get_run(run_id)
     except MlflowException as exc:
         if _is_missing(exc):
-            return False
+            return None
         raise
-    return True
+    return client
+
+
+def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
+    """Whether `run_id` is a run (of any status) in the store; False if a sqlite store does not exist."""
+    return _client_with_run(run_id, tracking_uri) is not None
 
 
 def load_checkpoint(run_id: str, name: str = "best.pt", tracking_uri: str | None = None) -> dict:
@@ -154,9 +155,9 @@ def load_checkpoint(run_id: str, name: str = "best.pt", tracking_uri: str | None
     import torch
 
     uri = resolve_tracking_uri(tracking_uri)
-    if not run_exists(run_id, uri):
+    client = _client_with_run(run_id, uri)
+    if client is None:
         raise ConfigError(f"checkpoint run id {run_id!r}: no such run in tracking store {uri}")
-    client, _ = _client_for_reading(uri)
     with tempfile.TemporaryDirectory() as tmp, _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
         try:
             local = client.download_artifacts(run_id, name, tmp)
