@@ -225,6 +225,13 @@ def test_pretrain_then_finetune_from_run_and_checkpoint(tmp_path, monkeypatch):
     assert r3.exit_code == 0, r3.output
     ft2 = json.loads((tmp_path / "ft2" / "results.json").read_text())
     assert ft2["stages"][0]["zero_rmse"] == ft["stages"][0]["zero_rmse"]
+    # fine-tuning continues the source's model: naming another one is an error, not silently ignored
+    r4 = CliRunner().invoke(cli, ["finetune", "--from", ckpt, "--datasets", "metr-la-east", *FAST, "--model",
+                                  "hypernet", "--no-tracking", "--output-dir", str(tmp_path / "ft3")])
+    assert r4.exit_code == 2 and r4.output.strip() == (
+        f"graphtune: error: --model: the source {ckpt} is a baseline model, and fine-tuning continues it; drop "
+        "--model hypernet, or pretrain a hypernet first"), r4.output
+    assert not (tmp_path / "ft3").exists()
 
 
 def _board(tmp_path):

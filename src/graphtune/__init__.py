@@ -53,8 +53,6 @@ def __getattr__(name: str):
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'graphtune' has no attribute {name!r}")
-    if module == "graphtune.models.registry":
-        importlib.import_module("graphtune.models")  # registers every model before one is looked up
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -87,7 +87,7 @@ def _quote(value: Any, what: str) -> str:
 
 def leaderboard(
     tracking_uri: str | None = None,
-    experiment_names: str | list[str] | tuple[str, ...] | None = ("graphtune",),
+    experiment_names: str | list[str] | tuple[str, ...] | None = (tags.DEFAULT_EXPERIMENT,),
     filter_string: str = "",
     tags: dict | None = None,
     parent_run_id: str | None = None,

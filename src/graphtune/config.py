@@ -81,7 +81,7 @@ class ExperimentConfig:
     seed: int = option(0, integer(min=0))
     device: str = option("auto", text(nonempty=True))  # auto = cuda when available, else cpu
     output_dir: str = option("outputs/experiment", text(nonempty=True))  # results.json/csv, plots (DVC outputs)
-    name: str = option("", text())  # parent run name; empty = "<model>-<strategy>-<source>-to-<targets>"
+    name: str = option("", text())  # parent run name; empty = "<model>-<strategy>-<source>-to-<targets>-s<seed>"
 
 
 @dataclass
@@ -146,7 +146,8 @@ class BudgetConfig:
 
     # peak memory (GPU when on CUDA, else process RSS above the stage start)
     mem_mb: float | None = option(None, optional(POSITIVE))
-    time_sec: float | None = option(None, optional(POSITIVE))  # training wall time of the stage
+    # wall time of the stage's fits (training steps and their validations): penalised and enforced on this clock
+    time_sec: float | None = option(None, optional(POSITIVE))
     flops_g: float | None = option(None, optional(POSITIVE))  # forward GFLOPs per batch
     trainable_m: float | None = option(None, optional(POSITIVE))  # trainable parameters, millions
     enforce: bool = option(False, boolean())  # also stop a stage's training once it exceeds its time budget
@@ -238,7 +239,6 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     cities: dict = field(default_factory=dict)
-    raw: dict = field(default_factory=dict)  # the merged YAML, for logging
 
     def validate(self) -> "Params":
         """Check every option of every section (and that `cities` is a mapping); returns self.
@@ -333,4 +333,4 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     cities = data.get("cities") or {}
     if not isinstance(cities, dict):
         raise ConfigError(f"{path}: section 'cities' must map city names to their entries")
-    return Params(**built, cities=cities, raw=data).validate()
+    return Params(**built, cities=cities).validate()

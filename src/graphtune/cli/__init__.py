@@ -55,6 +55,11 @@ def load_params(params_path: str, overrides: tuple[str, ...] = (), *, optional: 
     return load(params_path, overrides)
 
 
+def city_names(values: tuple[str, ...]) -> list[str]:
+    """A repeatable, comma-separated option (--city a,b --city c) -> its names in order."""
+    return [name for value in values for name in value.split(",") if name]
+
+
 def params_option(fn):
     return click.option("--params", "params_path", default="params.yaml", show_default=True, help=PARAMS_HELP)(fn)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from graphtune.cli import cli, load_params, params_option, set_option, user_errors
+from graphtune.cli import cli, city_names, load_params, params_option, set_option, user_errors
 
 
 @cli.command()
@@ -27,7 +27,7 @@ def prepare(cities, params_path, overrides, data_source, processed_dir):
         params.prepare.data_source = data_source
     if processed_dir:
         params.prepare.processed_dir = processed_dir
-    names = [c for item in cities for c in item.split(",") if c] or params.prepare.cities
+    names = city_names(cities) or params.prepare.cities
     for city in names:
         out = write_processed(city, params.prepare, cities=params.cities)
         click.echo(f"prepared {city} -> {out}: {_prepared_summary(out / 'meta.json')}")
@@ -68,7 +68,7 @@ def fetch(cities, data_source, params_path, overrides):
     from graphtune.data.fetch import resolve_file
 
     params = load_params(params_path, overrides)
-    for city in [c for item in cities for c in item.split(",") if c]:
+    for city in city_names(cities):
         spec = get_city(city, params.cities)
         folder = Path(spec.directory)
         for role, remote in spec.files().items():

@@ -19,45 +19,46 @@ def _split_list(value: str | None, cast=str, option: str = "") -> list | None:
                                  param_hint=option or None) from None
 
 
-def _experiment_options(fn):
-    """Options shared by `experiment`, `pretrain` and `finetune` (empty string = take params.yaml)."""
-    options = [
-        params_option,
-        set_option,
-        click.option("--model", default=None, help="registered model name (graphtune models); "
-                     "default: experiment.model."),
-        click.option("--epochs", default=None, help="epochs per stage, comma-separated: one value for every stage, "
-                     "two for [pretraining, transfer stages], or one per stage (default: train.epochs)."),
-        click.option("--lrs", default=None, help="learning rates per stage, comma-separated (default: train.lrs)."),
-        click.option("--seed", default=None, help="random seed, an integer (default: experiment.seed)."),
-        click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: experiment.device)."),
-        click.option("--output-dir", "--output_dir", default=None,
-                     help="where results.json, results.csv and the plots go "
-                     "(default: experiment.output_dir)."),
-        click.option("--experiment-name", "--experiment_name", default=None, help="MLflow experiment (default: "
-                     "tracking.experiment_name)."),
-        click.option("--system-metrics", "--system_metrics", type=click.Choice(["", "true", "false"]), default=None,
-                     help="true: log MLflow's CPU/memory/GPU system metrics on the parent run "
-                     "(default: tracking.system_metrics)."),
-        click.option("--no-tracking", is_flag=True, help="run without MLflow (outputs are still written)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _options(*options):
+    """One decorator applying `options` in the order listed (as --help shows them)."""
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
 
 
-def _transfer_options(fn):
-    options = [
-        click.option("--strategy", default=None, help="adaptation strategy, a registered name (full, "
-                     "freeze-transferred, scratch, ...; default: experiment.strategy)."),
-        click.option("--fractions", default=None, help="budget curve: fractions of the target's training data in "
-                     "(0, 1], comma-separated (default: transfer.fractions)."),
-        click.option("--fewshot-mode", "--fewshot_mode", default=None,
-                     help="subset, steps or both (default: transfer.fewshot_mode)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+_model_option = click.option("--model", default=None, help="registered model name (graphtune models); "
+                             "default: experiment.model.")
+
+# Options shared by `experiment`, `pretrain` and `finetune` (empty string = take params.yaml).
+_experiment_options = _options(
+    params_option,
+    set_option,
+    click.option("--epochs", default=None, help="epochs per stage, comma-separated: one value for every stage, "
+                 "two for [pretraining, transfer stages], or one per stage (default: train.epochs)."),
+    click.option("--lrs", default=None, help="learning rates per stage, comma-separated (default: train.lrs)."),
+    click.option("--seed", default=None, help="random seed, an integer (default: experiment.seed)."),
+    click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: experiment.device)."),
+    click.option("--output-dir", "--output_dir", default=None,
+                 help="where results.json, results.csv and the plots go "
+                 "(default: experiment.output_dir)."),
+    click.option("--experiment-name", "--experiment_name", default=None, help="MLflow experiment (default: "
+                 "tracking.experiment_name)."),
+    click.option("--system-metrics", "--system_metrics", type=click.Choice(["", "true", "false"]), default=None,
+                 help="true: log MLflow's CPU/memory/GPU system metrics on the parent run "
+                 "(default: tracking.system_metrics)."),
+    click.option("--no-tracking", is_flag=True, help="run without MLflow (outputs are still written)."),
+)
+
+_transfer_options = _options(
+    click.option("--strategy", default=None, help="adaptation strategy, a registered name (full, "
+                 "freeze-transferred, scratch, ...; default: experiment.strategy)."),
+    click.option("--fractions", default=None, help="budget curve: fractions of the target's training data in "
+                 "(0, 1], comma-separated (default: transfer.fractions)."),
+    click.option("--fewshot-mode", "--fewshot_mode", default=None,
+                 help="subset, steps or both (default: transfer.fewshot_mode)."),
+)
 
 
 def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, seed=None, device=None,
@@ -99,12 +100,12 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
     return explicit
 
 
-def _run(params, explicit, overrides, no_tracking, source_ref=""):
+def _run(params, explicit, overrides, no_tracking, source_ref="", model=""):
     from graphtune.transfer.experiment import execute, plan_experiment
 
     explicit = explicit + [o.split("=")[0] for o in overrides if o.startswith("transfer.")]
     plan = plan_experiment(params, explicit_transfer=explicit, source_ref=source_ref,
-                           tracking_uri=params.tracking.tracking_uri or None)
+                           tracking_uri=params.tracking.tracking_uri or None, explicit_model=model or "")
     result, run_id = execute(plan, echo=click.echo, tracking=not no_tracking)
     return result, run_id
 
@@ -112,19 +113,20 @@ def _run(params, explicit, overrides, no_tracking, source_ref=""):
 @cli.command()
 @click.option("--datasets", default=None, help="ordered cities, comma-separated: stage 0 pretrains on the first, "
               "each later one is a transfer target (default: experiment.datasets).")
+@_model_option
 @_experiment_options
 @_transfer_options
 @user_errors
-def experiment(datasets, params_path, overrides, no_tracking, strategy, fractions, fewshot_mode, **options):
+def experiment(datasets, params_path, overrides, no_tracking, **options):
     """The whole transfer experiment: pretrain, then zero-shot + budget curve per target city, S_uep."""
     params = load_params(params_path, overrides)
-    explicit = _apply_options(params, datasets=_split_list(datasets), strategy=strategy, fractions=fractions,
-                              fewshot_mode=fewshot_mode, **options)
+    explicit = _apply_options(params, datasets=_split_list(datasets), **options)
     _run(params, explicit, overrides, no_tracking)
 
 
 @cli.command()
 @click.option("--city", required=True, help="the city to pretrain on.")
+@_model_option
 @_experiment_options
 @user_errors
 def pretrain(city, params_path, overrides, no_tracking, **options):
@@ -138,18 +140,20 @@ def pretrain(city, params_path, overrides, no_tracking, **options):
 
 @cli.command()
 @click.option("--from", "source_ref", required=True,
-              help="a pretrain run id in the tracking store, or a checkpoint file (source_model.pt).")
+              help="the source model: a pretrain run id in the tracking store, a registered model "
+              "(models:/NAME/VERSION or models:/NAME@alias), or a checkpoint file (source_model.pt). "
+              "Its model and model options are the run's.")
 @click.option("--datasets", required=True, help="target cities, comma-separated, transferred to in order.")
+@click.option("--model", default=None, help="the source's model, if you name it (a check: fine-tuning continues the "
+              "source's model and model options).")
 @_experiment_options
 @_transfer_options
 @user_errors
-def finetune(source_ref, datasets, params_path, overrides, no_tracking, strategy, fractions, fewshot_mode,
-             **options):
+def finetune(source_ref, datasets, params_path, overrides, no_tracking, **options):
     """Transfer a pretrained model to target cities: zero-shot, then the budget curve, per city."""
     params = load_params(params_path, overrides)
     targets = _split_list(datasets) or []  # stages 1..n: the per-stage lists are read as in the experiment
-    _apply_options(params, datasets=targets, strategy=strategy, fractions=fractions, fewshot_mode=fewshot_mode,
-                   **options)
-    _run(params, [], overrides, no_tracking, source_ref=source_ref)
+    _apply_options(params, datasets=targets, **options)
+    _run(params, [], overrides, no_tracking, source_ref=source_ref, model=options["model"])
 
 

@@ -31,7 +31,6 @@ from graphtune.registry import Registry
 class ModelSpec:
     """A registered model: its builder and the check of each keyword option."""
 
-    name: str
     builder: Callable[..., ForecastModel]
     options: dict[str, Check]  # the builder's own options
     seasonal: bool = True  # whether the `seasonal` option (graphtune.models.seasonal) applies to it
@@ -76,8 +75,7 @@ def register_model(name: str, options: dict[str, Check] | None = None, *, season
         extra = sorted(set(options) - {p.name for p in params})
         if extra:
             raise ValueError(f"{where}: checks for option(s) the builder does not take: {', '.join(extra)}")
-        MODELS.register(name, ModelSpec(name, builder, options, seasonal), owner=builder.__module__)
-        builder.model_name = name
+        MODELS.register(name, ModelSpec(builder, options, seasonal), owner=builder.__module__)
         return builder
 
     return decorator
@@ -143,5 +141,4 @@ def build_model(name: str, bundle, **kwargs) -> ForecastModel:
 
         lookup = ProfileLookup(seasonal_profile(bundle), bundle.t_out, bundle.steps_per_day)
         model = SeasonalResidual(model, lookup)
-    model.model_name = name
     return model

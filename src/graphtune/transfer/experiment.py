@@ -97,12 +97,13 @@ class Plan:
 
 
 def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source_ref: str = "",
-                    tracking_uri: str | None = None) -> Plan:
+                    tracking_uri: str | None = None, explicit_model: str = "") -> Plan:
     """Check every option and return the plan; raises ConfigError (naming the option) on bad input.
 
     explicit_transfer: names of transfer-only options the user set explicitly (they need a target city).
     source_ref: a pretrain run id or checkpoint path to fine-tune from (every dataset is then a target,
-    and the source's model and options replace experiment.model / model_kwargs).
+    and the source's model and options replace experiment.model / model_kwargs; a model the user named
+    explicitly, `explicit_model`, must be the source's).
     """
     params = copy.deepcopy(params).validate()  # every section's types and ranges, after the CLI's options
     exp = params.experiment
@@ -117,10 +118,12 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
                           f"experiment.datasets (got only {datasets[0]})")
     if source is not None:
+        if explicit_model and explicit_model != source.model:
+            raise ConfigError(f"--model: the source {source_ref} is a {source.model} model, and fine-tuning "
+                              f"continues it; drop --model {explicit_model}, or pretrain a {explicit_model} first")
         exp.model, exp.model_kwargs = source.model, dict(source.model_kwargs)
     exp.datasets = datasets
-    model_defaults(exp.model)  # unknown model -> error listing the registered ones
-    check_model_kwargs(exp.model, exp.model_kwargs)  # names and ranges the builder declares
+    check_model_kwargs(exp.model, exp.model_kwargs)  # an unknown model (listing the registered ones), option or range
     get_strategy(exp.strategy)
     plan = Plan(params=params, datasets=datasets, device=resolve_device(exp.device),
                 sources=(source,) if source is not None else (), source_ref=source_ref, source_id=source_id)
@@ -212,15 +215,14 @@ class TrackingObserver(Observer):
                   f"test RMSE {point['test_rmse']:.3f}")
 
     def stage_done(self, result, source, model=None, example=None):
-        self.tracker.log_metrics(stage_metrics(result))
+        # the stage's metrics, and the transfer curve as one metric with step = fraction in percent: one batch
+        zero = {} if result.zero_rmse is None else {"curve_test_rmse": result.zero_rmse}
+        self.tracker.log_steps([(0, stage_metrics(result) | zero)]
+                               + [(round(100 * f), {"curve_test_rmse": rmse}) for f, rmse in result.rmse_curve])
         if result.transfer is not None:
             self.tracker.log_params({"transfer_share": round(result.transfer["share"], 4),
                                      "same_nodes": result.transfer["same_nodes"],
                                      "transferred": result.transfer["transferred"]})
-        for point in result.curve:  # the transfer curve as one metric with step = fraction in percent
-            self.tracker.log_metrics({"curve_test_rmse": point["test_rmse"]}, step=round(100 * point["fraction"]))
-        if result.zero_rmse is not None:
-            self.tracker.log_metrics({"curve_test_rmse": result.zero_rmse}, step=0)
         self.last_source = source
         self.tracker.log_dict(result.to_dict(), "stage.json")
         if self.log_checkpoints:
@@ -397,13 +399,11 @@ def experiment_metrics(result: ExperimentResult) -> dict:
     last = result.stages[-1]
     scored = scored_stages(result.stages)
     gpu = [s.dynamic_eff.get("peak_gpu_mb") for s in result.stages if s.dynamic_eff.get("peak_gpu_mb")]
-    weights = [p.difficulty_weight for p in result.score.stages]
     metrics = {
         "score": result.score.score,
         "S_uep": result.s_uep,
         "final_test_mae": last.test["mae"], "final_test_rmse": last.test["rmse"], "final_test_mape": last.test["mape"],
-        "mean_skill": sum(w * p.skill for w, p in zip(weights, result.score.stages)),
-        "mean_transfer_auc": sum(w * p.transfer_auc for w, p in zip(weights, result.score.stages)),
+        "mean_skill": result.score.mean_skill, "mean_transfer_auc": result.score.mean_transfer_auc,
         "finetune_tflops": sum(s.cost["train_flops"] for s in scored) / 1e12,
         "total_train_time_s": sum(s.dynamic_eff["train_time_s"] for s in result.stages),
         "peak_rss_mb": max(s.dynamic_eff["peak_rss_mb"] or 0.0 for s in result.stages),
