@@ -166,7 +166,7 @@ def test_array_overwritten_in_place_is_detected_and_rebuilt(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("damage,says", [
     ("remove coords", "coords.npy: missing (meta.json lists it)"),
-    ("unlist coords", "coords.npy: not listed in meta.json (added after prepare)"),
+    ("unlist coords", "coords.npy: not listed in meta.json's array hashes (meta.json changed after prepare)"),
     ("remove series", "series.npy: missing (meta.json lists it)"),
 ])
 def test_missing_or_unlisted_arrays_are_rebuilt(tmp_path, damage, says):
@@ -442,6 +442,14 @@ def _prepare_cli(params: Path, *extra):
     return CliRunner().invoke(cli, ["prepare", "--city", "toy", "--params", str(params), *extra])
 
 
+def _prepare_noting(params: Path, *extra):
+    """`graphtune prepare` that succeeds with notices: (the CLI result, the notices' messages)."""
+    with pytest.warns(DataNotice) as record:
+        result = _prepare_cli(params, *extra)
+    assert result.exit_code == 0, result.output
+    return result, _notices(record)
+
+
 def _zero_columns(df: pd.DataFrame, folder: Path, columns: list[str]) -> pd.DataFrame:
     """Set whole sensors to 0 (a share of the readings known by hand: one of 4 columns = 25%)."""
     df = df.copy()
@@ -522,10 +530,8 @@ def _edge_city(tmp_path: Path, graph_format: str = "edges") -> Path:
 
 def test_a_kernel_that_isolates_nodes_is_reported_with_the_option_to_change(tmp_path):
     params = _edge_city(tmp_path)
-    with pytest.warns(DataNotice) as record:
-        result = _prepare_cli(params)
-    assert result.exit_code == 0, result.output
-    assert _notices(record) == [
+    result, notices = _prepare_noting(params)
+    assert notices == [
         "city toy: 1 of 5 nodes (20%) have no edge after the kernel threshold prepare.normalized_k=0.1; lower it "
         "(e.g. 0.01) or give a 0/1 graph with graph_format: links (every listed link weighs 1)"]
     out = tmp_path / "processed" / "toy"
@@ -555,10 +561,8 @@ def test_a_graph_file_that_isolates_nodes_is_reported(tmp_path):
 def test_a_city_without_locations_gets_spectral_coordinates(tmp_path):
     _write_city(tmp_path / "raw")  # its graph: the path s0 - s1 - s2 - s3 (weights 0.5) plus self-loops
     params = _params(tmp_path, tmp_path / "raw", locations=None)
-    with pytest.warns(DataNotice) as record:
-        result = _prepare_cli(params)
-    assert result.exit_code == 0, result.output
-    assert _notices(record) == [
+    _, notices = _prepare_noting(params)
+    assert notices == [
         "city toy: no locations file, so node positions are spectral coordinates of the graph (coords_source: "
         "spectral); give locations (sensor_id, latitude, longitude) for real positions"]
     out = tmp_path / "processed" / "toy"
@@ -603,12 +607,11 @@ def test_windows_given_as_durations_follow_each_citys_interval(tmp_path):
                                                   t_out="30min"), root=tmp_path, cities=city)
     assert (bundle.t_in, bundle.t_out) == (4, 2)  # 60 / 15 and 30 / 15 steps
     assert (bundle.t_in_minutes, bundle.t_out_minutes) == (60.0, 30.0)
-    assert bundle.meta["windows"] == {"t_in": 4, "t_out": 2, "t_in_minutes": 60.0, "t_out_minutes": 30.0}
     assert "windows" not in json.loads((tmp_path / "processed" / "toy" / "meta.json").read_text())
     x, y = bundle.batch(bundle.window_starts("train")[:2])
     assert x.shape == (2, 4, 4, 3) and y.shape == (2, 2, 4)
     week = prepare_dataset("metr-la-week", PrepareConfig(t_in="1h", t_out=3), root=REPO, use_processed=False)
-    assert (week.t_in, week.t_out) == (12, 3) and week.meta["windows"]["t_out_minutes"] == 15.0
+    assert (week.t_in, week.t_out) == (12, 3) and week.t_out_minutes == 15.0
 
 
 def test_a_duration_that_is_not_whole_steps_is_one_line(tmp_path):

@@ -7,9 +7,7 @@ The CLI turns any GraphTuneError into one line on stderr and exit code 2, and pr
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent
 _PYTHON_FORMAT = warnings.formatwarning  # Python's own format, for every warning that is not GraphTune's
 
 
@@ -42,18 +40,8 @@ class DataNotice(GraphTuneNotice):
 
 
 def format_warning(message, category, filename, lineno, line=None) -> str:
-    """`warnings.formatwarning` for the CLI: GraphTune's warnings as one line, every other as Python prints it.
-
-    A warning is GraphTune's when its category is a GraphTuneNotice, or when it is a plain UserWarning
-    raised from GraphTune's own code (the loaders' and fetchers' warnings about a user's files).
-    """
-    if issubclass(category, GraphTuneNotice) or (category is UserWarning and _in_package(filename)):
+    """`warnings.formatwarning` for the CLI: GraphTune's warnings (GraphTuneNotice and its subclasses, which
+    every warning GraphTune raises is) as one line, every other as Python prints it."""
+    if issubclass(category, GraphTuneNotice):
         return f"graphtune: notice: {' '.join(str(message).split())}\n"  # whitespace folded: always one line
     return _PYTHON_FORMAT(message, category, filename, lineno, line)
-
-
-def _in_package(filename: str) -> bool:
-    try:
-        return Path(filename).resolve().is_relative_to(_PACKAGE)
-    except (OSError, ValueError, TypeError):
-        return False

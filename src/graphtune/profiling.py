@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 
 from graphtune.data.bundle import DatasetBundle
 from graphtune.engine import EVAL_BATCH
-from graphtune.errors import DataError
+from graphtune.errors import DataError, GraphTuneNotice
 from graphtune.metrics import valid_mask
 
 try:  # optional: psutil reads RSS portably; /proc/self/statm serves on Linux without it
@@ -151,7 +151,8 @@ def thop_flops(model: nn.Module, example_inputs) -> dict | None:
     except ModuleNotFoundError:
         return None
     except Exception as exc:  # thop's hooks can trip over unusual modules; the primary count stands
-        warnings.warn(f"thop could not profile {type(model).__name__}: {type(exc).__name__}: {exc}", stacklevel=2)
+        warnings.warn(f"thop could not profile {type(model).__name__}: {type(exc).__name__}: {exc}",
+                      GraphTuneNotice, stacklevel=2)
         return None
     return {"macs": int(macs), "params": int(params)}
 

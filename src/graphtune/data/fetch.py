@@ -85,7 +85,7 @@ def resolve_file(remote: RemoteFile, *, local_dir: Path, data_source: str = "aut
     if local.is_file():
         if _verified(local, remote.sha256):
             return local
-        warnings.warn(f"{local}: sha256 differs from the expected {remote.sha256}; ignoring it", stacklevel=2)
+        warnings.warn(f"{local}: sha256 differs from the expected {remote.sha256}; ignoring it", DataNotice, stacklevel=2)
         tried.append(f"{local} (wrong sha256)")
     else:
         tried.append(f"{local} (missing)")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from graphtune.errors import ConfigError, DataError
+from graphtune.errors import ConfigError, DataError, DataNotice
 
 SERIES_FORMATS = ("h5", "csv", "npy", "npz")
 GRAPH_FORMATS = ("pkl", "dense", "edges", "links", "coords")
@@ -318,7 +318,7 @@ def _time_grid(path: Path, index: pd.DatetimeIndex | None, n_steps: int, start, 
              f"in {int((skipped > 0).sum())} gap(s), the first after {index[first]}")
     if not fill_gaps:
         raise DataError(f"{path}: {where}; pass fill_gaps=True to insert them as missing readings")
-    warnings.warn(f"{path}: {where}; inserted as missing (NaN) readings", stacklevel=3)
+    warnings.warn(f"{path}: {where}; inserted as missing (NaN) readings", DataNotice, stacklevel=3)
     grid = pd.date_range(index[0], index[-1], freq=step)
     rows = np.asarray((index - index[0]) // step, dtype=np.int64)  # (T,) grid row of each file row
     return grid, rows
@@ -508,7 +508,7 @@ def _read_edges(path: Path, sensor_ids: list[str] | None, links: bool = False) -
         if unseen:
             what = "link" if links else "distance"
             warnings.warn(f"{path}: {len(unseen)} of {len(ids)} sensors have no {what} at all ({_preview(unseen)}); "
-                          "they are isolated in the graph", stacklevel=3)
+                          "they are isolated in the graph", DataNotice, stacklevel=3)
     position = pd.Index(ids)
     rows = position.get_indexer(src)
     cols = position.get_indexer(dst)
@@ -686,7 +686,7 @@ def align(series: SeriesData, adj: np.ndarray, graph_ids, locations: pd.DataFram
         if missing:
             warnings.warn(f"{files.get('locations', 'the locations file')}: no coordinates for {len(missing)} of "
                           f"{len(ids)} sensors of {series_file} ({_preview(missing)}); their coordinates are NaN",
-                          stacklevel=2)
+                          DataNotice, stacklevel=2)
     return ordered.astype(np.float32, copy=False), coords
 
 

@@ -33,8 +33,8 @@ What `prepare` checks and reports about a city (one-line errors and DataNotices,
   ISOLATED_NOTICE_SHARE of the nodes without an edge gets a notice naming the option to change.
 - positions: "coords_source" = "locations" (the locations file) or "spectral" (none: coordinates
   derived from the graph, with a notice).
-- windows: prepare.t_in / t_out in steps or as a duration, resolved with the city's interval; the
-  bundle's meta["windows"] holds the steps and minutes (not meta.json, which windows do not change).
+- windows: prepare.t_in / t_out in steps or as a duration, resolved with the city's interval into the
+  bundle's t_in / t_out (steps; t_in_minutes / t_out_minutes), not into meta.json, which windows do not change.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ from graphtune.fileio import atomic_directory
 #    always written (spectral coordinates without a locations file).
 FORMAT_VERSION = 4
 ARRAY_FILES = ("adj.npy", "coords.npy", "series.npy", "time.npy")
-REQUIRED_ARRAYS = ARRAY_FILES
 
 # An unstated null value (the default 0) hiding more than this share of the readings is refused until the entry
 # states one. Missing readings of sensor networks are a few percent (METR-LA 8.1%, PEMS-BAY 0.003%); a share
@@ -77,7 +76,7 @@ MISSING_CONFIRM_SHARE = 0.30
 # More than this share of nodes without any edge gets a notice: graph models see an isolated node only through
 # its own readings, so a graph that leaves many nodes alone is most often a threshold or file problem.
 ISOLATED_NOTICE_SHARE = 0.10
-PROCESSED_FILES = ("series.npy", "time.npy", "adj.npy", "coords.npy", "meta.json")
+PROCESSED_FILES = (*ARRAY_FILES, "meta.json")
 
 
 @dataclass
@@ -165,8 +164,6 @@ def _inputs(city: str, root, cities, prepare: PrepareConfig):
 
 
 def _resolve_files(spec: CitySpec, root: Path, data_source: str, cache_dir: Path, overrides: dict) -> dict[str, Path]:
-    if data_source not in ("local", "url", "hf", "auto"):
-        raise ConfigError(f"prepare.data_source: expected local, url, hf or auto, got {data_source!r}")
     local_dir = Path(root, spec.directory)
     return {
         role: resolve_file(remote, local_dir=local_dir, data_source=data_source, cache_dir=cache_dir / spec.name,
@@ -227,7 +224,7 @@ def _process(spec: CitySpec, paths: dict[str, Path], sources: dict, options: dic
         del is_null
     missing_share = float(np.isnan(series).mean())
     n_steps = series.shape[0]
-    bounds = _split_bounds(n_steps, options["split"])
+    bounds = split_bounds(n_steps, options["split"])
     scaler = Scaler.fit(series[: bounds["train"][1]])
 
     adj = adj.astype(np.float32)
@@ -299,7 +296,8 @@ def time_features(index: pd.DatetimeIndex) -> np.ndarray:
     return np.column_stack([np.asarray(minutes / 1440.0), np.asarray(index.day_of_week)]).astype(np.float32)
 
 
-def _split_bounds(n_steps: int, split: tuple[float, float, float]) -> dict[str, tuple[int, int]]:
+def split_bounds(n_steps: int, split: tuple[float, float, float]) -> dict[str, tuple[int, int]]:
+    """Chronological {train, val, test}: (first step, end step) for `split`'s shares of n_steps."""
     t1 = int(round(n_steps * split[0]))
     t2 = int(round(n_steps * (split[0] + split[1])))
     return {"train": (0, t1), "val": (t1, t2), "test": (t2, n_steps)}
@@ -316,15 +314,11 @@ def _subset_nodes(spec: CitySpec, coords: np.ndarray | None, paths: dict) -> np.
 
 
 def _to_bundle(name: str, a: _Arrays, prepare: PrepareConfig) -> DatasetBundle:
-    """The bundle of the processed arrays `a`, with prepare's windows resolved to the city's steps.
-
-    The bundle's meta is meta.json's plus "windows": {t_in, t_out (steps), t_in_minutes, t_out_minutes}.
-    """
-    interval = float(a.meta["interval_minutes"])
+    """The bundle of the processed arrays `a`, with prepare's windows resolved to the city's steps."""
+    meta = a.meta
+    interval = float(meta["interval_minutes"])
     t_in = window_steps(prepare.t_in, interval, "prepare.t_in", name)
     t_out = window_steps(prepare.t_out, interval, "prepare.t_out", name)
-    meta = {**a.meta, "windows": {"t_in": t_in, "t_out": t_out, "t_in_minutes": t_in * interval,
-                                  "t_out_minutes": t_out * interval}}  # a copy: meta.json stays window-free
     scaler = Scaler(**meta["scaler"])
     splits = {k: tuple(v) for k, v in meta["splits"].items()}
     for split, (lo, hi) in splits.items():
@@ -398,11 +392,10 @@ def _verify_arrays(out: Path, declared) -> str | None:
     for name in sorted(set(ARRAY_FILES) | set(declared)):
         path = out / name
         if not path.is_file():
-            if name in declared or name in REQUIRED_ARRAYS:
-                return f"{path}: missing (meta.json lists it)" if name in declared else f"{path}: missing"
-        elif name not in declared:
-            return f"{path}: not listed in meta.json (added after prepare)"
-        elif sha256_file(path) != declared[name]:
+            return f"{path}: missing (meta.json lists it)" if name in declared else f"{path}: missing"
+        if name not in declared:
+            return f"{path}: not listed in meta.json's array hashes (meta.json changed after prepare)"
+        if sha256_file(path) != declared[name]:
             return f"{path}: contents differ from meta.json (changed after prepare)"
     return None
 

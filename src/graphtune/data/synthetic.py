@@ -14,6 +14,7 @@ import torch
 
 from graphtune.config import PrepareConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
+from graphtune.data.prepare import split_bounds, time_features
 from graphtune.data.windows import window_steps
 
 
@@ -70,21 +71,18 @@ def synthetic_bundle(num_nodes: int = 12, num_steps: int = 600, seed: int = 0, t
         adj, coords = random_geometric_graph(num_nodes, seed=seed)
     num_nodes = adj.shape[0]
     raw = synthetic_series(num_steps, adj, interval_minutes, seed)
-    t1 = int(round(num_steps * prepare.split[0]))
-    t2 = int(round(num_steps * (prepare.split[0] + prepare.split[1])))
-    scaler = Scaler.fit(raw[:t1])
+    splits = split_bounds(num_steps, prepare.split)
+    scaler = Scaler.fit(raw[: splits["train"][1]])
     index = pd.date_range("2024-01-01", periods=num_steps, freq=pd.Timedelta(minutes=interval_minutes))
-    tod = ((index.hour * 60 + index.minute) / 1440.0).to_numpy(np.float32)
-    dow = index.day_of_week.to_numpy().astype(np.float32)
     return DatasetBundle(
         name=name or f"synthetic-{num_nodes}",
         values=torch.from_numpy(scaler.transform(raw).astype(np.float32)),
         target=torch.from_numpy(raw.astype(np.float32)),
-        time_features=torch.from_numpy(np.column_stack([tod, dow])),
+        time_features=torch.from_numpy(time_features(index)),
         adj=adj.astype(np.float32),
         sensor_ids=[f"s{i}" for i in range(num_nodes)],
         interval_minutes=interval_minutes,
-        splits={"train": (0, t1), "val": (t1, t2), "test": (t2, num_steps)},
+        splits=splits,
         scaler=scaler,
         coords=coords,
         t_in=t_in,

@@ -16,7 +16,6 @@ heads generated from that city's prompts, without training: 100% of its paramete
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ def node_prompts(bundle, profile_bins: int) -> torch.Tensor:
     if bundle.coords is None:
         position = torch.zeros(n, 2)  # no coordinates: every node sits at the city's centre
     else:
-        coords = torch.tensor(np.asarray(bundle.coords), dtype=torch.float64)  # (N, 2) lat, lon; a copy: may be read-only
+        coords = torch.tensor(bundle.coords, dtype=torch.float64)  # (N, 2) lat, lon; a copy: the array may be read-only
         position = ((coords - coords.mean(0)) / coords.std(0, unbiased=False).clamp_min(1e-9)).float()
     profile, mean, std = daily_profile(bundle, profile_bins)  # (K, N), (N,), (N,)
     shape = torch.nan_to_num(profile - mean, nan=0.0).t()  # (N, K): an unseen bin counts as average
