@@ -145,8 +145,8 @@ def main(argv=None) -> dict:
               f"h12 {rows[-1]['test']['mae_h12']:.3f})", flush=True)
     wins = beats_references(rows)
     table = markdown_table(rows)
-    print(f"\nTest metrics on metr-la-week (REAL, 207 sensors; train/val/test 70/10/20), mph; "
-          f"MAPE in %; epochs = best/trained (why it stopped)\n")
+    print("\nTest metrics on metr-la-week (REAL, 207 sensors; train/val/test 70/10/20), mph; "
+          "MAPE in %; epochs = best/trained (why it stopped)\n")
     print(table)
     for model, by_h in wins.items():
         verdict = "beats ha and persistence at horizons 3, 6, 12" if all(by_h.values()) else (

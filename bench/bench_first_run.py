@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "first_run.json"
 
 
+def _torch_threads(bin_dir: Path) -> int:
+    """The intra-op threads torch uses in a fresh process of this environment (as the run's own did)."""
+    code = "import torch; print(torch.get_num_threads())"
+    return int(subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def main() -> None:
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +58,7 @@ def main() -> None:
         {"fraction": p["fraction"], "test_rmse": p["test_rmse"], "best_epoch": p["best_epoch"]}
         for p in target["curve"]]
     record = {"command": "mlflow run . --env-manager local (make run, after installation)", "wall_s": wall,
+              "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": _torch_threads(bin_dir),
               "model": results["model"], "datasets": results["datasets"], "score": results["score"],
               "curve": curve, "improves_on_zero_shot": curve[-1]["test_rmse"] < curve[0]["test_rmse"],
               "references": results["references"], "leaderboard_csv": board, "compare_output": compare.stdout}

@@ -257,7 +257,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def print_training_table(rows: list[dict], shape: str, title: str) -> None:
     print(f"\n{title}")
-    print(f"| model | params | GFLOPs / batch (fwd) | samples/s | ms / step | peak RSS MB | peak GPU MB |")
+    print("| model | params | GFLOPs / batch (fwd) | samples/s | ms / step | peak RSS MB | peak GPU MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r.get("shape") != shape:

@@ -10,12 +10,15 @@ evaluation inside `fit` counts as evaluation, not training):
     profile    parameters and FLOPs of each stage's model (stages._efficiency)
     train      optimizer steps inside `fit`
     evaluate   validation inside `fit`, zero-shot and final evaluations, the city references
-    tracking   the MLflow store: creating or opening it, runs, params, metrics, artifacts, checkpoints
+    tracking   the MLflow store: creating or opening it, runs, params, metrics, artifacts, checkpoints, the
+               dataset inputs and each stage's MLflow model (pickled, with its signature)
     files      results.json/csv, the PNG plots, params.yaml (write_outputs)
     other      the rest: budget views, graph difficulty, the scheduler, the command line
 
 Two stores: a new sqlite file (a user's first run, which pays MLflow's schema migrations) and the same file
 again (every later run). The target of issue 9 is that train + evaluate take at least 60% of the wall time.
+
+It also times `graphtune --help` and `graphtune cities` (median of 5 fresh processes; target: under 1 s).
 
     python bench/bench_overhead.py                     # ~2 minutes on 2 CPU cores; bench/results/overhead.json
     python bench/bench_overhead.py --models baseline
@@ -83,8 +86,9 @@ def child(model: str, store: str, work: str, epochs: str = "6,3") -> dict:
     wrap(engine, "evaluate", "evaluate")  # the validation inside fit
     wrap(stages, "city_references", "evaluate")
     wrap(experiment, "write_outputs", "files")
-    for name in ("experiment_id", "log_params", "log_metrics", "log_metrics_to", "log_dict", "log_artifact",
-                 "log_checkpoint", "set_tags", "_end"):
+    for name in ("experiment_id", "log_params", "log_metrics", "log_metrics_to", "log_steps", "log_history",
+                 "log_dict", "log_artifact", "log_figure", "log_checkpoint", "log_dataset", "log_model", "set_tags",
+                 "_end"):
         wrap(runs.Tracker, name, "tracking")
     wrap(runs.mlflow, "start_run", "tracking")
 
@@ -113,6 +117,19 @@ def measure(model: str, store: str, work: str, epochs: str) -> dict:
     return result
 
 
+def cli_seconds(args: list[str], repeats: int = 5) -> float:
+    """Median wall time of `python -m graphtune ARGS` in a fresh interpreter, start-up included."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "graphtune", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        times.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise SystemExit(f"bench_overhead: graphtune {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -129,15 +146,17 @@ def main() -> None:
             r = measure(model, f"sqlite:///{tmp}/{model}.db", tmp, epochs)
             r.update(model=model, store=kind, epochs=epochs, share_train_eval=(r["train"] + r["evaluate"]) / r["wall"])
             rows.append(r)
+    cli = {"graphtune --help": cli_seconds(["--help"]), "graphtune cities": cli_seconds(["cities"])}
     header = f"| model | epochs | store | wall s | {' | '.join(PHASES)} | train + evaluate |"
     print(header + "\n|" + "---|" * (len(PHASES) + 5))
     for r in rows:
         cells = " | ".join(f"{r[p]:.2f} ({r[p] / r['wall']:.0%})" for p in PHASES)
         print(f"| {r['model']} | {r['epochs']} | {r['store']} | {r['wall']:.2f} | {cells} | {r['share_train_eval']:.0%} |")
+    print("\n" + "\n".join(f"{command}: {seconds:.2f} s (median of 5, fresh process)" for command, seconds in cli.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"protocol": "graphtune experiment, params.yaml defaults with --epochs 6,3, REAL "
                                                 "METR-LA week west -> east, 2 CPU threads, fresh process per run",
-                                    "phases": list(PHASES), "runs": rows}, indent=1) + "\n")
+                                    "phases": list(PHASES), "runs": rows, "cli_s": cli}, indent=1) + "\n")
     print(f"\nwritten {args.out}")
 
 
