@@ -207,7 +207,10 @@ def test_leaderboard_filters(store):
         leaderboard(uri, experiment_names=("nope",))
 
 
-def test_adding_or_removing_runs_changes_no_score(store):
+def test_a_configurations_row_does_not_depend_on_the_other_rows(store):
+    """Aggregation is per configuration: nothing is normalised across the board, so filtering rows away (or
+    adding runs of other configurations) leaves a row's numbers as they were. That another run leaves the scores
+    themselves unchanged is tested end to end in test_experiment (two runs differing in epochs, then a third)."""
     uri, _, _ = store
     board = leaderboard(uri)
     alone = leaderboard(uri, tags={"graphtune.model": "dcrnn"})
@@ -226,6 +229,7 @@ def test_write_leaderboard_outputs(store, tmp_path):
                        keep_default_na=False, na_values=[""])
     assert list(back.columns) == COLUMNS
     assert list(back["score_mean"]) == pytest.approx(list(board["score_mean"]))
+    pd.testing.assert_frame_equal(back, board.replace("", np.nan), check_dtype=False)  # every cell round-trips
 
     text = paths["md"].read_text(encoding="utf-8")
     lines = text.splitlines()

@@ -114,3 +114,26 @@ def test_mlproject_options_reach_the_cli_resolved_and_never_empty():
     ctx = cli.commands["experiment"].make_context("experiment", argv[2:])
     assert ctx.params["fewshot_mode"] == "steps" and ctx.params["output_dir"] == "out"
     assert ctx.params["overrides"] == ("train.batch_size=32",) and ctx.params["datasets"] == "metr-la-west,metr-la-east"
+
+
+def test_the_readme_layout_lists_every_module_and_only_existing_paths():
+    """README's Layout: one line per path; every path it names exists, and every module of the package
+    (subpackages' __init__.py aside) has its line."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, package = set(), None
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        if line.startswith("  ") and package is not None:
+            listed.add(f"{package}{name}")
+        else:
+            listed.add(name)
+            package = name if name.endswith("/") and name.startswith("src/") else package
+    missing = sorted(p for p in listed if not (REPO / p).exists())
+    assert not missing, f"README's Layout names paths that do not exist: {missing}"
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "src" / "graphtune").rglob("*.py")
+               if not (p.name == "__init__.py" and p.parent.name != "graphtune")}
+    unlisted = sorted(modules - listed)
+    assert not unlisted, f"modules without a line in README's Layout: {unlisted}"
