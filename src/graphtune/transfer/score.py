@@ -96,7 +96,7 @@ class StageInputs:
     zero_rmse: float | None = None  # zero-shot test RMSE; None for the pretrain stage
     curve: list[tuple[float, float]] = field(default_factory=list)  # (fraction, test RMSE), fraction in (0, 1]
     mem_mb: float | None = None  # peak memory, MB
-    time_s: float | None = None  # training wall time, seconds
+    time_s: float | None = None  # wall time of the stage's fits (steps and their validations), seconds
     flops: float | None = None  # forward FLOPs per batch
     trainable_params: float | None = None
     difficulty: float = 1.0
