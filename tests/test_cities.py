@@ -24,7 +24,8 @@ EMBEDDED = sorted(name for name, spec in REGISTERED.items() if spec.directory.st
 
 
 def test_the_embedded_cities_are_the_sample_folders():
-    assert EMBEDDED == ["metr-la-east", "metr-la-week", "metr-la-west", "montevideo-bus"]
+    assert EMBEDDED == ["metr-la-east", "metr-la-r1", "metr-la-r2", "metr-la-r3", "metr-la-r4", "metr-la-r5",
+                        "metr-la-week", "metr-la-west", "montevideo-bus"]
 
 
 @pytest.mark.parametrize("name", EMBEDDED)
@@ -45,7 +46,7 @@ def test_registered_cities_state_their_null_values():
     assert all(spec.null_value_stated for spec in REGISTERED.values())
     assert {name: spec.null_value for name, spec in REGISTERED.items()} == {
         "metr-la": 0.0, "pems-bay": 0.0, "metr-la-week": 0.0, "metr-la-west": 0.0, "metr-la-east": 0.0,
-        "montevideo-bus": None}
+        **{f"metr-la-r{r}": 0.0 for r in range(1, 6)}, "montevideo-bus": None}
     bus = REGISTERED["montevideo-bus"]
     assert (bus.units, bus.interval_minutes, bus.graph_format, bus.mape_floor) == ("boardings/hour", 60, "links", 1.0)
 
@@ -72,6 +73,59 @@ def test_a_user_entry_states_its_null_value_only_by_writing_it():
 def test_bad_entry_values_are_one_line_naming_the_key(key, value, says):
     with pytest.raises(ConfigError) as info:
         get_city("toy", {"toy": {"series": "s.csv", key: value}})
+    assert str(info.value) == says
+
+
+def test_the_region_sub_cities_are_registered_like_west_and_east():
+    week = REGISTERED["metr-la-week"]
+    for r in range(1, 6):
+        spec = REGISTERED[f"metr-la-r{r}"]
+        assert spec.subset == {"parent": "metr-la-week", "regions": 5, "region": r}
+        assert spec.files() == week.files() and spec.directory == week.directory
+        assert spec.description == (f"Embedded real sample: region {r} of 5 of the METR-LA week's sensors "
+                                    f"(k-means on coordinates)")
+    assert [REGISTERED[f"metr-la-r{r}"].facts["shape"] for r in range(1, 6)] == [
+        [2016, 36], [2016, 28], [2016, 52], [2016, 51], [2016, 40]]
+    assert [REGISTERED[f"metr-la-r{r}"].facts["edges"] for r in range(1, 6)] == [205, 135, 353, 395, 194]
+
+
+def test_a_user_region_sub_city_takes_its_parents_files_and_reading_options():
+    spec = get_city("mine", {"mine": {"subset": {"parent": "metr-la-week", "regions": 4, "region": 2}}})
+    week = REGISTERED["metr-la-week"]
+    assert spec.subset == {"parent": "metr-la-week", "regions": 4, "region": 2}
+    assert spec.files() == week.files() and spec.series_options == week.series_options
+    assert spec.null_value == 0.0 and spec.null_value_stated and spec.units == "mph" and spec.facts == {}
+
+
+_WEEK = {"parent": "metr-la-week"}
+
+
+@pytest.mark.parametrize("subset,says", [
+    ({**_WEEK, "regions": 1, "region": 1}, "cities.toy.subset.regions: expected an integer >= 2, got 1"),
+    ({**_WEEK, "regions": "4", "region": 1}, "cities.toy.subset.regions: expected an integer >= 2, got '4'"),
+    ({**_WEEK, "regions": 4.0, "region": 1}, "cities.toy.subset.regions: expected an integer >= 2, got 4.0"),
+    ({**_WEEK, "regions": True, "region": 1}, "cities.toy.subset.regions: expected an integer >= 2, got True"),
+    ({**_WEEK, "regions": 4, "region": 0}, "cities.toy.subset.region: expected an integer in [1, 4], got 0"),
+    ({**_WEEK, "regions": 4, "region": 5}, "cities.toy.subset.region: expected an integer in [1, 4], got 5"),
+    ({**_WEEK, "regions": 4, "region": 1.5}, "cities.toy.subset.region: expected an integer in [1, 4], got 1.5"),
+    ({**_WEEK, "regions": 4}, "cities.toy.subset.region: expected an integer in [1, 4], got None"),
+    ({**_WEEK, "side": "west", "regions": 4, "region": 1},
+     "cities.toy.subset: expected exactly one of 'side' (west or east) or 'regions' (with 'region'), got both"),
+    ({**_WEEK}, "cities.toy.subset: expected exactly one of 'side' (west or east) or 'regions' (with 'region'), "
+                "got neither"),
+    ({**_WEEK, "region": 2}, "cities.toy.subset: expected exactly one of 'side' (west or east) or 'regions' "
+                             "(with 'region'), got neither"),
+    ({**_WEEK, "side": "west", "region": 2}, "cities.toy.subset.region: goes with 'regions', not with 'side'"),
+    ({**_WEEK, "side": "north"}, "cities.toy.subset.side: expected one of west, east, got 'north'"),
+    ({**_WEEK, "regions": 4, "region": 1, "k": 4},
+     "cities.toy.subset: unknown key(s) k; allowed: parent, side, regions, region"),
+    ({"regions": 4, "region": 1}, "cities.toy.subset.parent: expected a non-empty string, got None"),
+    ({"parent": "metr-la-west", "regions": 4, "region": 1},
+     "cities.toy.subset.parent: metr-la-west is itself a sub-city (of metr-la-week); name a city that is not"),
+])
+def test_bad_subsets_are_one_line_naming_the_key(subset, says):
+    with pytest.raises(ConfigError) as info:
+        get_city("toy", {"toy": {"subset": subset}})
     assert str(info.value) == says
 
 
@@ -120,6 +174,11 @@ def test_graphtune_cities_lists_every_city_with_its_facts(tmp_path):
     assert rows["toy"][:8] == ["toy", "4", "300", "15", "min", "km/h", "25%", "3"]
     assert rows["montevideo-bus"][:8] == ["montevideo-bus", "675", "744", "60", "min", "boardings/hour", "0%", "690"]
     assert rows["metr-la"][:8] == ["metr-la", "207", "34272", "5", "min", "mph", "8.1%", "1515"]
+    assert [rows[f"metr-la-r{r}"][:8] for r in range(1, 6)] == [
+        [f"metr-la-r{r}", nodes, "2016", "5", "min", "mph", "0%", edges]
+        for r, nodes, edges in [(1, "36", "205"), (2, "28", "135"), (3, "52", "353"), (4, "51", "395"),
+                                (5, "40", "194")]]
+    assert " ".join(rows["metr-la-r3"][8:]) == REGISTERED["metr-la-r3"].description
     params.write_text(yaml.safe_dump({"cities": {"toy": {"series": "s.csv", "mape_floor": -1}}}))
     result = CliRunner().invoke(cli, ["cities", "--params", str(params)])
     assert result.exit_code == 2

@@ -21,8 +21,11 @@ from click.testing import CliRunner
 import graphtune.data.prepare as prep
 from graphtune.cli import cli
 from graphtune.config import PrepareConfig
-from graphtune.data.cities import get_city
-from graphtune.data.prepare import FORMAT_VERSION, prepare_dataset, time_features, write_processed
+from graphtune.data.cities import REGISTERED, CitySpec, get_city
+from graphtune.data.fetch import RemoteFile
+from graphtune.data.prepare import (
+    FORMAT_VERSION, kmeans_regions, local_plane_km, prepare_dataset, time_features, write_processed,
+)
 from graphtune.errors import ConfigError, DataError, DataNotice
 from graphtune.fileio import MANIFEST
 
@@ -66,6 +69,113 @@ def test_geographic_sub_cities_are_induced_subgraphs(week_bundle):
     np.testing.assert_array_equal(east.adj, week_bundle.adj[np.ix_(idx, idx)])
     np.testing.assert_array_equal(east.target.numpy(), week_bundle.target.numpy()[:, idx])
     assert east.scaler != week_bundle.scaler  # each sub-city fits its own scaler on its own training part
+
+
+REGIONS = [f"metr-la-r{r}" for r in range(1, 6)]
+
+
+@pytest.fixture(scope="module")
+def region_bundles():
+    """metr-la-r1 .. metr-la-r5 read from the raw files."""
+    return [prepare_dataset(name, root=REPO, use_processed=False) for name in REGIONS]
+
+
+def test_region_sub_cities_partition_the_week_into_induced_subgraphs(week_bundle, region_bundles):
+    week_ids = week_bundle.sensor_ids
+    assert [b.num_nodes for b in region_bundles] == [36, 28, 52, 51, 40]
+    assert [b.meta["graph"]["edges"] for b in region_bundles] == [205, 135, 353, 395, 194]
+    ids = [s for b in region_bundles for s in b.sensor_ids]
+    assert len(ids) == len(set(ids)) == 207 and set(ids) == set(week_ids)  # disjoint, and every sensor once
+    for b in region_bundles:
+        idx = [week_ids.index(s) for s in b.sensor_ids]
+        assert idx == sorted(idx)  # the parent's order
+        np.testing.assert_array_equal(b.adj, week_bundle.adj[np.ix_(idx, idx)])
+        np.testing.assert_array_equal(b.target.numpy(), week_bundle.target.numpy()[:, idx])
+        np.testing.assert_array_equal(b.coords, week_bundle.coords[idx])
+        assert b.meta["subset"]["regions"] == 5 and b.meta["start"] == "2012-03-01 00:00:00"
+    centroids = [b.coords[:, 1].mean() for b in region_bundles]  # numbered west to east
+    assert centroids == sorted(centroids) and len(set(centroids)) == 5
+
+
+def test_regions_follow_the_documented_definition_and_are_deterministic(week_bundle, region_bundles):
+    coords = week_bundle.coords
+    labels = kmeans_regions(coords, 5)
+    np.testing.assert_array_equal(labels, kmeans_regions(coords.copy(), 5))  # two computations agree
+    for r, b in enumerate(region_bundles, start=1):
+        assert [week_bundle.sensor_ids[i] for i in np.flatnonzero(labels == r)] == b.sensor_ids
+    # km on the local plane: one hundredth of a degree east / north of the mean position
+    plane = local_plane_km(np.array([[34.0, -118.0], [34.0, -117.99], [34.01, -118.0]]))
+    mean_lat = 34.0 + 0.01 / 3
+    assert plane[1, 0] - plane[0, 0] == pytest.approx(0.01 * 111.32 * np.cos(np.radians(mean_lat)), rel=1e-9)
+    assert plane[2, 1] - plane[0, 1] == pytest.approx(0.01 * 110.57, rel=1e-9)
+    np.testing.assert_allclose(plane.mean(axis=0), 0.0, atol=1e-12)
+    # each sensor lies in the region of its nearest k-means centre: compact clusters, not longitude bands
+    points = local_plane_km(coords)
+    centres = np.array([points[labels == r].mean(axis=0) for r in range(1, 6)])
+    nearest = np.argmin(((points[:, None, :] - centres[None]) ** 2).sum(-1), axis=1) + 1
+    np.testing.assert_array_equal(nearest, labels)
+    assert np.all(np.diff(centres[:, 0]) > 0)
+
+
+@pytest.mark.parametrize("region", [1, 4])
+def test_a_yaml_region_sub_city_is_the_registered_one(region, region_bundles):
+    cities = {"mine": {"subset": {"parent": "metr-la-week", "regions": 5, "region": region}}}
+    mine = prepare_dataset("mine", root=REPO, cities=cities, use_processed=False)
+    _assert_same_bundle(mine, region_bundles[region - 1])
+    assert mine.meta["graph"] == region_bundles[region - 1].meta["graph"]
+
+
+def test_a_region_sub_city_from_params_through_the_cli(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"processed_dir": str(tmp_path / "processed")}, "cities": {
+        "my-region": {"subset": {"parent": "metr-la-week", "regions": 4, "region": 2}}}}))
+    result = CliRunner().invoke(cli, ["prepare", "--city", "my-region", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "processed" / "my-region" / "meta.json").read_text())
+    assert meta["shape"] == [2016, 52] and meta["subset"] == {"parent": "metr-la-week", "regions": 4, "region": 2}
+    params.write_text(yaml.safe_dump({"cities": {"toy": {"subset": {"parent": "metr-la-week", "regions": 4,
+                                                                     "region": 9}}}}))
+    assert _run_bad(tmp_path, params) == ("graphtune: error: cities.toy.subset.region: expected an integer in "
+                                          "[1, 4], got 9")
+
+
+def test_more_regions_than_sensors_is_one_line():
+    cities = {"toy": {"subset": {"parent": "metr-la-week", "regions": 208, "region": 1}}}
+    with pytest.raises(DataError) as info:
+        prepare_dataset("toy", root=REPO, cities=cities, use_processed=False)
+    assert str(info.value) == ("city toy: subset.regions = 208 is more than the 207 sensors of metr-la-week; "
+                               "use at most 207 regions")
+
+
+def _parent_city(monkeypatch, tmp_path, locations: bool) -> None:
+    """Register `toy-parent`: _write_city's four sensors, with or without its locations file."""
+    _write_city(tmp_path / "raw")
+    monkeypatch.setitem(REGISTERED, "toy-parent", CitySpec(
+        name="toy-parent", directory=str(tmp_path / "raw"), series=RemoteFile("series.csv"),
+        graph=RemoteFile("adj.csv"), graph_format="dense", locations=RemoteFile("locations.csv") if locations else None,
+        units="km/h", null_value=0.0, null_value_stated=True))
+
+
+def test_a_region_sub_city_of_a_parent_without_coordinates_is_one_line(tmp_path, monkeypatch):
+    _parent_city(monkeypatch, tmp_path, locations=False)
+    cities = {"toy": {"subset": {"parent": "toy-parent", "regions": 2, "region": 1}}}
+    with pytest.raises(DataError) as info:
+        prepare_dataset("toy", root=tmp_path, cities=cities, use_processed=False)
+    assert str(info.value) == "city toy: the geographic split needs coordinates for every sensor (no locations file)"
+
+
+def test_more_regions_than_distinct_positions_is_one_line(tmp_path, monkeypatch):
+    _parent_city(monkeypatch, tmp_path, locations=True)
+    loc = pd.read_csv(tmp_path / "raw" / "locations.csv", index_col=0)
+    loc[["latitude", "longitude"]] = [[34.0, -118.0], [34.0, -118.0], [34.1, -118.1], [34.1, -118.1]]
+    loc.to_csv(tmp_path / "raw" / "locations.csv")
+    cities = {f"toy{k}": {"subset": {"parent": "toy-parent", "regions": k, "region": 1}} for k in (2, 3)}
+    two = prepare_dataset("toy2", root=tmp_path, cities=cities, use_processed=False)
+    assert two.sensor_ids == ["s2", "s3"]  # region 1: the western pair
+    with pytest.raises(DataError) as info:
+        prepare_dataset("toy3", root=tmp_path, cities=cities, use_processed=False)
+    assert str(info.value) == ("city toy3: subset.regions = 3 is more than the 2 distinct sensor positions of "
+                               "toy-parent; use at most 2 regions")
 
 
 def test_montevideo_bus_is_prepared_with_its_real_zeros_and_every_link(tmp_path):
@@ -116,6 +226,13 @@ def test_write_processed_is_byte_stable_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cached.values.numpy(), fresh.values.numpy())
     prepare_dataset("metr-la-east", PrepareConfig(processed_dir=str(tmp_path), split=[0.6, 0.2, 0.2]), root=REPO)
     assert len(calls) == 2  # other options -> stale -> read from raw
+
+
+def test_a_region_sub_city_is_written_byte_stable(tmp_path):
+    first = _digest(write_processed("metr-la-r2", PrepareConfig(processed_dir=str(tmp_path)), root=REPO))
+    assert _digest(write_processed("metr-la-r2", PrepareConfig(processed_dir=str(tmp_path)), root=REPO)) == first
+    meta = json.loads((tmp_path / "metr-la-r2" / "meta.json").read_text())
+    assert meta["options"]["city"]["subset"] == {"parent": "metr-la-week", "region": 2, "regions": 5}
 
 
 # ----------------------------------------------------------------------------- processed arrays are verified

@@ -19,10 +19,30 @@ metr-la-west / metr-la-east  Two real sub-cities of metr-la-week split by geogra
             west (longitude below the median) / east (at or above the median), each with the
             induced subgraph of the DCRNN adjacency: 103 and 104 sensors. A cross-region
             transfer with no download.
+metr-la-r1 .. metr-la-r5  Five real sub-cities of metr-la-week: its sensors clustered into 5 regions
+            by k-means on their coordinates (below), numbered west to east, each with the induced
+            subgraph: 36, 28, 52, 51 and 40 sensors (205, 135, 353, 395, 194 directed edges).
 montevideo-bus  Embedded real sample (data/sample/montevideo-bus): hourly boardings at 675 bus stops
             of Montevideo, 744 steps (October 2020), COUNTS whose zeros are real readings
             (null_value None), 690 directed links between consecutive stops, read as a 0/1 graph.
             MIT (pytorch_geometric_temporal).
+
+Sub-cities
+----------
+A city with `subset: {parent: <city>, ...}` reads its parent's files and keeps some of the parent's sensors,
+with the induced subgraph (the adjacency rows and columns of the kept sensors, nothing else changed), in the
+parent's order; everything else (null value, scaler, splits, meta.json) is computed on the kept sensors. The
+parent must be a registered city that is not itself a sub-city, and must have coordinates (a locations
+file). Exactly one of two kinds:
+
+- `side: west | east`: the sensors with longitude below / at or above the parent's median longitude.
+- `regions: K, region: R` (K >= 2, 1 <= R <= K): the sensors of region R of K k-means regions, defined
+  deterministically (graphtune.data.prepare.kmeans_regions):
+  1. each sensor's (latitude, longitude) becomes km on a local equirectangular plane around the mean of
+     the parent's sensors: x = (lon - mean lon) * 111.32 * cos(mean lat), y = (lat - mean lat) * 110.57;
+  2. sklearn.cluster.KMeans(n_clusters=K, n_init=10, random_state=0) clusters the points (x, y);
+  3. the clusters are numbered 1..K west to east by their centre's x (ties by y), so region names are stable.
+  K above the parent's number of sensors (or of distinct sensor positions) is a one-line DataError.
 """
 
 from __future__ import annotations
@@ -31,12 +51,14 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from graphtune.checks import boolean, mapping, number, optional, text
+from graphtune.checks import boolean, choice, integer, mapping, number, optional, text
 from graphtune.data.fetch import RemoteFile
 from graphtune.errors import ConfigError
 
 ROLES = ("series", "graph", "locations")
 SIDES = ("west", "east")
+SUBSET_KEYS = ("parent", "side", "regions", "region")
+REGIONS = 5  # metr-la-r1 .. metr-la-r5: the METR-LA week's sensors in 5 k-means regions
 
 # Masked MAPE leaves out readings with |y| below the city's `mape_floor` (raw units). The default is one unit
 # of whatever the city measures, for every unit: for speeds (mph, km/h) a reading under 1 is a stopped vehicle
@@ -70,7 +92,9 @@ class CitySpec:
     nan_as_missing: bool = False  # NaN in the series is an error unless the city says it means "missing"
     mape_floor: float = DEFAULT_MAPE_FLOOR  # masked MAPE uses only readings with |y| >= it (raw units)
     facts: dict = field(default_factory=dict)  # shape, date_range, interval_minutes, missing_share, edges
-    subset: dict | None = None  # {"parent": city, "side": "west" | "east"}: a geographic sub-city
+    # a geographic sub-city: {"parent": city, "side": "west" | "east"} or {"parent": city, "regions": K,
+    # "region": R} (region R of K k-means regions, R in 1..K); see "Sub-cities" above
+    subset: dict | None = None
     description: str = ""
     # Whether null_value was stated (any value, even 0) rather than left at its default. Not a key of a city
     # entry: city_from_dict sets it. An unstated 0 that would hide a large share of the readings is refused.
@@ -86,7 +110,31 @@ REGISTERED: dict[str, CitySpec] = {}
 
 def _register(spec: CitySpec) -> None:
     """Add a reviewed city to the table. Each registration below writes out its null value, so it is stated."""
+    if spec.subset is not None:
+        check_subset(spec.subset, f"cities.{spec.name}.subset")
     REGISTERED[spec.name] = replace(spec, null_value_stated=True)
+
+
+def check_subset(subset: dict, option: str) -> dict:
+    """`subset` unchanged when it is one of the two sub-city kinds (module docstring, "Sub-cities"), else a
+    one-line ConfigError naming `option` or its key (`option`.regions, ...). Does not look the parent up."""
+    mapping()(subset, option)
+    unknown = sorted(str(key) for key in set(subset) - set(SUBSET_KEYS))
+    if unknown:
+        raise ConfigError(f"{option}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SUBSET_KEYS)}")
+    text(nonempty=True)(subset.get("parent"), f"{option}.parent")
+    if ("side" in subset) == ("regions" in subset):
+        got = "both" if "side" in subset else "neither"
+        raise ConfigError(f"{option}: expected exactly one of 'side' (west or east) or 'regions' (with 'region'), "
+                          f"got {got}")
+    if "side" in subset:
+        if "region" in subset:
+            raise ConfigError(f"{option}.region: goes with 'regions', not with 'side'")
+        choice(*SIDES)(subset["side"], f"{option}.side")
+    else:
+        integer(min=2)(subset["regions"], f"{option}.regions")
+        integer(min=1, max=subset["regions"])(subset.get("region"), f"{option}.region")
+    return subset
 
 
 _register(CitySpec(
@@ -156,6 +204,26 @@ for _side in SIDES:
         description=f"Embedded real sample: the METR-LA week's sensors {_side} of the median longitude",
     ))
 
+# Region r of the week's sensors in REGIONS k-means regions, numbered west to east: (sensors, directed edges of the
+# induced subgraph, self-loops not counted), as `prepare` measures them.
+_REGION_FACTS = {1: (36, 205), 2: (28, 135), 3: (52, 353), 4: (51, 395), 5: (40, 194)}
+for _region, (_nodes, _edges) in _REGION_FACTS.items():
+    _register(CitySpec(
+        name=f"metr-la-r{_region}",
+        directory=REGISTERED["metr-la-week"].directory,
+        series=REGISTERED["metr-la-week"].series,
+        graph=REGISTERED["metr-la-week"].graph,
+        locations=REGISTERED["metr-la-week"].locations,
+        series_options=REGISTERED["metr-la-week"].series_options,
+        units="mph",
+        null_value=0.0,
+        subset={"parent": "metr-la-week", "regions": REGIONS, "region": _region},
+        facts={"shape": [2016, _nodes], "interval_minutes": 5, "missing_share": 0.0,
+               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "edges": _edges},
+        description=f"Embedded real sample: region {_region} of {REGIONS} of the METR-LA week's sensors "
+                    f"(k-means on coordinates)",
+    ))
+
 
 _register(CitySpec(
     name="montevideo-bus",
@@ -221,6 +289,8 @@ def city_from_dict(name: str, entry: dict) -> CitySpec:
     Keys: directory, series, graph, locations (file names, or mappings {name, url, hf_repo, hf_path, sha256}),
     graph_format, series_options, interval_minutes, units, null_value, nan_as_missing, mape_floor, facts, subset,
     description. A key the entry leaves out takes the CitySpec default, or for a sub-city its parent's value.
+    subset is {parent, side: west | east} or {parent, regions: K, region: R} (module docstring, "Sub-cities"),
+    its parent a registered city that is not itself a sub-city.
     Stating null_value (even 0) marks it confirmed (`CitySpec.null_value_stated`).
     """
     if not isinstance(entry, dict):
@@ -237,9 +307,11 @@ def city_from_dict(name: str, entry: dict) -> CitySpec:
     entry = dict(entry)
     stated = "null_value" in entry
     if entry.get("subset") is not None:
-        parent = get_city(entry["subset"].get("parent", ""), {})
-        if entry["subset"].get("side") not in SIDES:
-            raise ConfigError(f"cities.{name}.subset.side: expected one of {', '.join(SIDES)}")
+        check_subset(entry["subset"], f"cities.{name}.subset")
+        parent = get_city(entry["subset"]["parent"], {})
+        if parent.subset is not None:  # its files are the grandparent's: the split would be of the wrong city
+            raise ConfigError(f"cities.{name}.subset.parent: {parent.name} is itself a sub-city (of "
+                              f"{parent.subset['parent']}); name a city that is not")
         stated = stated or parent.null_value_stated
         for key in _INHERITED:
             entry.setdefault(key, getattr(parent, key))

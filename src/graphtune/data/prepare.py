@@ -304,13 +304,63 @@ def split_bounds(n_steps: int, split: tuple[float, float, float]) -> dict[str, t
 
 
 def _subset_nodes(spec: CitySpec, coords: np.ndarray | None, paths: dict) -> np.ndarray:
-    """Sensor indices west (longitude < median) or east (>= median) of the parent city's median longitude."""
-    if coords is None or np.isnan(coords[:, 1]).any():
+    """Indices, ascending, of the parent city's sensors that make up the sub-city `spec.subset`.
+
+    {"side": "west" | "east"}: the sensors with longitude below (west) / at or above (east) the parent's median
+    longitude. {"regions": K, "region": R}: the sensors of region R (1-based) of `kmeans_regions(coords, K)`:
+    k-means (sklearn KMeans, n_clusters=K, n_init=10, random_state=0) on the sensors' positions in km on a local
+    equirectangular plane, regions numbered west to east by their centre's x (ties by y).
+    `coords` are the parent's (N, 2) latitude, longitude; a sensor without them is a one-line DataError, and so
+    is K above the number of sensors (or of distinct positions).
+    """
+    regions = spec.subset.get("regions")
+    columns = [1] if regions is None else [0, 1]  # the median split looks at longitudes only
+    if coords is None or np.isnan(coords[:, columns]).any():
         raise DataError(f"city {spec.name}: the geographic split needs coordinates for every sensor "
                         f"({paths.get('locations', 'no locations file')})")
-    median = float(np.median(coords[:, 1]))
-    west = coords[:, 1] < median
-    return np.flatnonzero(west if spec.subset["side"] == "west" else ~west)
+    if regions is None:
+        median = float(np.median(coords[:, 1]))
+        west = coords[:, 1] < median
+        return np.flatnonzero(west if spec.subset["side"] == "west" else ~west)
+    n_positions = len(np.unique(coords, axis=0))
+    if regions > n_positions:
+        parent = spec.subset["parent"]
+        what = f"{len(coords)} sensors" if n_positions == len(coords) else f"{n_positions} distinct sensor positions"
+        raise DataError(f"city {spec.name}: subset.regions = {regions} is more than the {what} of {parent}; "
+                        f"use at most {n_positions} regions")
+    return np.flatnonzero(kmeans_regions(coords, regions) == spec.subset["region"])
+
+
+# km per degree on the local plane of `kmeans_regions`: of longitude at the equator, of latitude (WGS84 mean)
+KM_PER_DEGREE_LON = 111.32
+KM_PER_DEGREE_LAT = 110.57
+
+
+def local_plane_km(coords: np.ndarray) -> np.ndarray:
+    """(N, 2) float64 positions in km, x east and y north of the sensors' mean position, from (N, 2) latitude,
+    longitude: x = (lon - mean lon) * 111.32 * cos(mean lat), y = (lat - mean lat) * 110.57 (equirectangular)."""
+    lat, lon = np.asarray(coords[:, 0], dtype=np.float64), np.asarray(coords[:, 1], dtype=np.float64)
+    mean_lat, mean_lon = float(lat.mean()), float(lon.mean())
+    x = (lon - mean_lon) * KM_PER_DEGREE_LON * np.cos(np.radians(mean_lat))
+    y = (lat - mean_lat) * KM_PER_DEGREE_LAT
+    return np.column_stack([x, y])
+
+
+def kmeans_regions(coords: np.ndarray, k: int) -> np.ndarray:
+    """(N,) int region of each sensor, 1..k, from (N, 2) latitude, longitude: the sub-cities {"regions": k}.
+
+    KMeans(n_clusters=k, n_init=10, random_state=0) on `local_plane_km(coords)`; clusters are numbered 1..k west
+    to east by their centre's x, ties by y. The same coordinates give the same regions on every run.
+    """
+    from sklearn.cluster import KMeans  # imported here: only region sub-cities need it, and it is slow to import
+
+    points = local_plane_km(coords)
+    km = KMeans(n_clusters=k, n_init=10, random_state=0).fit(points)
+    centres = km.cluster_centers_
+    order = np.lexsort((centres[:, 1], centres[:, 0]))  # cluster labels, west to east
+    number = np.empty(k, dtype=np.int64)
+    number[order] = np.arange(1, k + 1)
+    return number[km.labels_]
 
 
 def _to_bundle(name: str, a: _Arrays, prepare: PrepareConfig) -> DatasetBundle:
