@@ -47,7 +47,8 @@ class PrepareConfig:
     """`prepare:` how raw city files become processed arrays and windows."""
 
     # the embedded real samples (speeds and counts); at least one, or the DVC prepare stage would write nothing
-    cities: list[str] = option(["metr-la-week", "metr-la-west", "metr-la-east", "montevideo-bus"],
+    cities: list[str] = option(["metr-la-week", "metr-la-west", "metr-la-east", "metr-la-r1", "metr-la-r2", "metr-la-r3",
+                                "metr-la-r4", "metr-la-r5", "montevideo-bus"],
                                list_of(text(nonempty=True)))
     processed_dir: str = option("data/processed", text(nonempty=True))  # the DVC prepare stage's output folder
     # local | url | hf | auto (local first, then the registered sources)
@@ -138,6 +139,61 @@ class TransferConfig:
     # days of unlabelled target readings at the end of the target's training split that a strategy may read
     # at zero-shot, for node prompts and the scaler; 0 = zero-shot sees only the graph and coordinates
     prompt_days: float = option(0.0, NON_NEGATIVE)
+    # GPD's target_days: budget points as days of target data instead of fractions. When set, it replaces
+    # `fractions`: each point trains on the windows of the LAST d days of the training split (the most recent
+    # data a new city has), and is recorded with the fraction of the windows that is. [] = use fractions.
+    target_days: list[float] = option([], list_of(POSITIVE, min_len=0))
+
+
+@dataclass
+class GpdConfig:
+    """`gpd:` generated parameters (graphtune.generative): node models on source cities, a diffusion model
+    over their parameters, and generation for the target (experiment.datasets) from node prompts."""
+
+    # source cities of the node models; never the target. Default: the METR-LA regions other than metr-la-r1
+    sources: list[str] = option(["metr-la-r2", "metr-la-r3", "metr-la-r4", "metr-la-r5"],
+                                list_of(text(nonempty=True)))
+    model_kwargs: dict = option({}, mapping())  # options of the node model (graphtune models: node-gwn)
+    # how the target's parameters start: diffusion (GPD) | mean (the mean source vector) | nearest (the source
+    # node with the nearest prompt) | shuffled (diffusion from another target node's prompts) | random (the seeded
+    # initialisation). The last four are GPD's baselines, run by the same loop.
+    init: str = option("diffusion", choice("diffusion", "mean", "nearest", "shuffled", "random"))
+    prompts: str = option("both", choice("both", "spatial", "temporal"))  # which node prompts condition generation
+    # days of readings at the end of a city's training split that the temporal prompts read: each source's in
+    # collection, the target's at zero-shot (a gpd run's transfer.prompt_days is set to it). 2 days: the
+    # one-day autocorrelation needs pairs a day apart
+    prompt_days: float = option(2.0, POSITIVE)
+    samples: int = option(1, integer(min=1))  # vectors sampled per target node and averaged (1 = GPD: one sample)
+    profile_bins: int = option(8, integer(min=1))  # time-of-day bins of the temporal prompt's daily profile
+    # collection: every source node model trains on its ego-subgraph (all of a city's nodes as one grouped fit)
+    collect_epochs: int = option(10, integer(min=1))
+    collect_lr: float = option(0.005, POSITIVE)
+    # collection trains on every k-th training window: a city's node models cost about 1.3 s per batch of 64
+    # windows on 2 CPU cores (100 nodes), so k = 3 keeps a region's collection near a minute
+    collect_stride: int = option(3, integer(min=1))
+    holdout: float = option(0.15, number(min=0, max=1, min_open=True, max_open=True))  # source nodes kept for selection
+    # the denoiser: a Transformer over layer-aligned tokens of the parameter vector
+    conditioning: str = option("pre-bias", text(nonempty=True))  # pre-bias | pre | pre-adaptive | post-adaptive | adaln
+    token_size: int = option(128, integer(min=1))
+    d_model: int = option(64, integer(min=8))
+    depth: int = option(2, integer(min=1))
+    heads: int = option(4, integer(min=1))
+    # diffusion: GPD's DDPM defaults
+    diffusion_steps: int = option(500, integer(min=1))
+    schedule: str = option("linear", choice("linear", "cosine"))
+    beta_start: float = option(1e-5, POSITIVE)
+    beta_end: float = option(0.02, POSITIVE)
+    iterations: int = option(1000, integer(min=1))  # denoiser optimizer steps
+    lr: float = option(0.001, POSITIVE)
+    batch_size: int = option(64, integer(min=1))
+    ema_decay: float = option(0.995, number(min=0, max=1, max_open=True))
+    eval_every: int = option(250, integer(min=1))  # steps between checkpoint evaluations on held-out source nodes
+    sampler: str = option("ddim", choice("ddim", "ddpm"))
+    ddim_steps: int = option(50, integer(min=1))
+    # a generator file written by `graphtune gpd diffuse` (the DVC pipeline's); empty = an experiment with
+    # strategy gpd collects and trains its own, as nested runs of its parent run
+    generator: str = option("", text())
+    output_dir: str = option("outputs/gpd", text(nonempty=True))  # `gpd collect` -> params/, `gpd diffuse` -> generator/
 
 
 @dataclass
@@ -213,6 +269,7 @@ def stage_value(values, stage: int, n_stages: int, option: str):
 SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig, "experiment": ExperimentConfig, "train": TrainConfig, "transfer": TransferConfig,
     "budgets": BudgetConfig, "score": ScoreConfig, "tracking": TrackingConfig, "compare": CompareConfig,
+    "gpd": GpdConfig,
 }
 FREE_SECTIONS = ("cities",)  # mappings passed through as they are (validated by their consumer)
 
@@ -238,6 +295,7 @@ class Params:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    gpd: GpdConfig = field(default_factory=GpdConfig)
     cities: dict = field(default_factory=dict)
 
     def validate(self) -> "Params":

@@ -58,12 +58,15 @@ _transfer_options = _options(
                  "(0, 1], comma-separated (default: transfer.fractions)."),
     click.option("--fewshot-mode", "--fewshot_mode", default=None,
                  help="subset, steps or both (default: transfer.fewshot_mode)."),
+    click.option("--target-days", "--target_days", default=None,
+                 help="budget points as days of target data, comma-separated, e.g. 1,3: each trains on the most "
+                 "recent days of the training split; replaces --fractions (default: transfer.target_days)."),
 )
 
 
 def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, seed=None, device=None,
                    output_dir=None, experiment_name=None, system_metrics=None, strategy=None, fractions=None,
-                   fewshot_mode=None) -> list[str]:
+                   fewshot_mode=None, target_days=None) -> list[str]:
     """Apply command-line options on top of params; return the transfer-only options given explicitly."""
     exp, train, transfer = params.experiment, params.train, params.transfer
     if datasets is not None:
@@ -97,6 +100,9 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
     if fewshot_mode:
         transfer.fewshot_mode = fewshot_mode
         explicit.append("--fewshot-mode")
+    if (d := _split_list(target_days, float, "--target-days")) is not None:
+        transfer.target_days = d
+        explicit.append("--target-days")
     return explicit
 
 
@@ -121,7 +127,7 @@ def experiment(datasets, params_path, overrides, no_tracking, **options):
     """The whole transfer experiment: pretrain, then zero-shot + budget curve per target city, S_uep."""
     params = load_params(params_path, overrides)
     explicit = _apply_options(params, datasets=_split_list(datasets), **options)
-    _run(params, explicit, overrides, no_tracking)
+    _run(params, explicit, overrides, no_tracking, model=options["model"])
 
 
 @cli.command()

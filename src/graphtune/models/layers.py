@@ -82,11 +82,12 @@ class DiffusionGraphConv(nn.Module):
     passed at call time so the layer holds no node-specific state: the same weights run on any graph.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_supports: int, order: int = 2, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, num_supports: int, order: int = 2, dropout: float = 0.0,
+                 bias: bool = True):
         super().__init__()
         self.order = order
         self.dropout = dropout
-        self.mlp = nn.Linear((order * num_supports + 1) * in_channels, out_channels)
+        self.mlp = nn.Linear((order * num_supports + 1) * in_channels, out_channels, bias=bias)
 
     def forward(self, x: torch.Tensor, supports: list[torch.Tensor]) -> torch.Tensor:
         terms = [x]

@@ -60,6 +60,29 @@ def sample_windows(starts: torch.Tensor, fraction: float, mode: str, seed: int) 
     return starts[order[:k].sort().values]  # its first k are nested across fractions
 
 
+def recent_windows(starts: torch.Tensor, days: float, steps_per_day: int) -> torch.Tensor:
+    """The windows of the last `days` days of the training split (GPD's target_days): the most recent
+    round(days * steps_per_day) window starts (at least 1, at most all of them), in order."""
+    k = min(starts.numel(), max(1, _round_half_up(days * steps_per_day)))
+    return starts[starts.numel() - k:]
+
+
+def budget_points(starts: torch.Tensor, transfer: TransferConfig, steps_per_day: int, seed: int
+                  ) -> list[tuple[float, torch.Tensor, float | None]]:
+    """The curve's points (fraction, window starts, days or None): `transfer.target_days` when set (each the
+    most recent days, recorded with the share of the windows it is), else `transfer.fractions` sampled by
+    `transfer.fewshot_mode`. Target days whose windows coincide (more days than the split holds) count once."""
+    if not transfer.target_days:
+        return [(float(f), sample_windows(starts, f, transfer.fewshot_mode, seed), None) for f in transfer.fractions]
+    points, seen = [], set()
+    for days in transfer.target_days:
+        chosen = recent_windows(starts, float(days), steps_per_day)
+        if chosen.numel() not in seen:
+            seen.add(chosen.numel())
+            points.append((chosen.numel() / max(1, starts.numel()), chosen, float(days)))
+    return points
+
+
 def steps_cap(n_windows: int, batch_size: int, fraction: float, mode: str) -> int | None:
     """Max optimizer steps per epoch for "steps"/"both" (fraction of a full-data epoch), None for "subset".
 

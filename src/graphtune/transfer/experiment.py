@@ -66,6 +66,7 @@ class Plan:
     sources: tuple[SourceModel, ...] = ()
     source_ref: str = ""
     source_id: str = ""  # the source's identity in the configuration: a run id or the checkpoint's sha256
+    builds_sources: bool = False  # the strategy builds its own sources (gpd): every city is a target
 
     @property
     def experiment(self) -> ExperimentConfig:
@@ -79,7 +80,7 @@ class Plan:
     @property
     def first_stage(self) -> int:
         """The stage index of the first city: 0 (it is pretrained), 1 in a fine-tuning run (it is a target)."""
-        return 1 if self.sources else 0
+        return 1 if self.sources or self.builds_sources else 0
 
     @property
     def n_stages(self) -> int:
@@ -88,12 +89,12 @@ class Plan:
     @property
     def run_type(self) -> str:
         """"transfer" when any city is a target, "pretrain" for a single city without a source."""
-        return "transfer" if self.sources or len(self.datasets) > 1 else "pretrain"
+        return "transfer" if self.first_stage or len(self.datasets) > 1 else "pretrain"
 
     @property
     def targets(self) -> list[str]:
         """The cities the comparable score covers."""
-        return list(self.datasets) if self.sources else self.datasets[1:] or list(self.datasets)
+        return list(self.datasets) if self.first_stage else self.datasets[1:] or list(self.datasets)
 
 
 def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source_ref: str = "",
@@ -113,7 +114,9 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     for city in datasets:
         get_city(city, params.cities)  # unknown city -> error listing the known ones
     source, source_id = _load_source(source_ref, tracking_uri) if source_ref else (None, "")
-    n_targets = len(datasets) - (0 if source else 1)
+    strategy = get_strategy(exp.strategy)
+    builds = strategy.builds_sources and source is None
+    n_targets = len(datasets) - (0 if source or builds else 1)
     if n_targets == 0 and explicit_transfer:
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
                           f"experiment.datasets (got only {datasets[0]})")
@@ -122,11 +125,17 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
             raise ConfigError(f"--model: the source {source_ref} is a {source.model} model, and fine-tuning "
                               f"continues it; drop --model {explicit_model}, or pretrain a {explicit_model} first")
         exp.model, exp.model_kwargs = source.model, dict(source.model_kwargs)
+    if builds:
+        strategy.check(params, datasets)
+        model, kwargs = strategy.source_model(params)
+        if explicit_model and explicit_model != model:
+            raise ConfigError(f"--model: strategy {exp.strategy} generates {model} models; drop --model {explicit_model}")
+        exp.model, exp.model_kwargs = model, kwargs
     exp.datasets = datasets
     check_model_kwargs(exp.model, exp.model_kwargs)  # an unknown model (listing the registered ones), option or range
-    get_strategy(exp.strategy)
     plan = Plan(params=params, datasets=datasets, device=resolve_device(exp.device),
-                sources=(source,) if source is not None else (), source_ref=source_ref, source_id=source_id)
+                sources=(source,) if source is not None else (), source_ref=source_ref, source_id=source_id,
+                builds_sources=builds)
     params.train.check_stages(range(plan.first_stage, plan.n_stages), plan.n_stages)
     check_transfer(params.transfer)
     if params.budgets.enforce and params.budgets.time_sec is None:
@@ -157,8 +166,8 @@ def _load_source(ref: str, tracking_uri: str | None) -> tuple[SourceModel, str]:
             raise ConfigError(f"--from: no run with id {ref!r} in the tracking store {tracking_uri or ''}".rstrip())
         data = load_checkpoint(ref, CHECKPOINT, tracking_uri=tracking_uri)
         identity = f"run:{ref}"
-    keys = [f.name for f in dataclasses.fields(SourceModel)]
-    if not isinstance(data, dict) or sorted(data) != sorted(keys):
+    keys = [f.name for f in dataclasses.fields(SourceModel) if f.name != "generator"]  # generator: optional
+    if not isinstance(data, dict) or sorted(set(data) - {"generator"}) != sorted(keys):
         raise ConfigError(f"--from: {ref} does not hold a GraphTune source model (expected keys {', '.join(keys)}; "
                           "checkpoints written before the scaler was recorded must be pretrained again)")
     return SourceModel(**data), identity
@@ -194,6 +203,12 @@ class TrackingObserver(Observer):
             if city in self.bundles:
                 log_dataset(self.tracker, self.bundles[city], "training", self.plan.params.prepare.processed_dir)
             yield run_id
+
+    @contextmanager
+    def phase(self, name, tags=None):
+        run_tags = self._tags("phase", **{"graphtune.phase": name, **(tags or {})})
+        with self.tracker.run(name, nested=True, tags=run_tags):
+            yield _TrackerLog(self.tracker)
 
     def budget(self, index, city, fraction):
         return self.tracker.run(f"stage{index}-{city}-frac{fraction:g}", nested=True,
@@ -235,6 +250,22 @@ class TrackingObserver(Observer):
         self.parts.append(comparable_score([stage_measures(result)], params.score,
                                            budgets_from_config(params.budgets)).stages[0])
         self.echo(live_leaderboard([_live_row(s, p) for s, p in zip(self.stages, self.parts)]))
+
+
+class _TrackerLog:
+    """A PhaseLog into the tracker's current run."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def params(self, params: dict) -> None:
+        self.tracker.log_params(params)
+
+    def dict(self, data: dict, name: str) -> None:
+        self.tracker.log_dict(data, name)
 
 
 def _metric_block(metrics: dict, prefix: str) -> dict:
@@ -320,7 +351,7 @@ def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
         "cities": {c: params.cities[c] for c in plan.datasets if c in params.cities},
         "data": data_hashes(bundles, length=None),
         "device": torch.device(plan.device).type,
-    }
+    } | ({"gpd": dataclasses.asdict(params.gpd)} if plan.builds_sources else {})
 
 
 def config_hash(config: dict) -> str:
@@ -344,6 +375,9 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     out = Path(output_dir or params.experiment.output_dir)
     check_owned(out, legacy_names=OUTPUT_FILES)  # refuse a folder of the user's own before any work
     bundles = load_bundles(params, plan.datasets)
+    strategy = get_strategy(params.experiment.strategy)
+    prepared = (strategy.prepare_sources(params, bundles, lambda cities: load_bundles(params, cities))
+                if plan.builds_sources else None)  # every source input checked before any run opens
     config = resolved_config(plan, bundles)
     digest = config_hash(config)
     tr = params.tracking
@@ -364,8 +398,11 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
         exp = plan.experiment
         echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {exp.model}, strategy {exp.strategy}, "
              f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else ""))
+        sources = plan.sources
+        if plan.builds_sources:
+            sources = strategy.build_sources(prepared, params, device=plan.device, observer=observer, echo=echo)
         result = run_experiment(bundles, experiment, params.train, params.transfer, params.score, params.budgets,
-                                device=plan.device, sources=plan.sources, observer=observer)
+                                device=plan.device, sources=sources, observer=observer)
         result.config_hash = digest
         for stage in result.stages:  # final score parts (they need every stage) into each stage run
             run_id = observer.stage_runs.get(stage.stage)

@@ -45,7 +45,7 @@ from graphtune.engine import evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
-from graphtune.transfer.budget import BudgetScheduler, sample_windows, steps_cap
+from graphtune.transfer.budget import BudgetScheduler, budget_points, steps_cap
 from graphtune.transfer.score import (ComparableScore, ScoreResult, StageInputs, StageMeasures, budgets_from_config,
                                       comparable_score, score_experiment)
 from graphtune.transfer.strategies import SourceModel, StrategyContext, get_strategy
@@ -146,11 +146,25 @@ class ExperimentResult:
         return rows
 
 
+class PhaseLog:
+    """What a phase (`Observer.phase`) records into: metrics per step, parameters, a JSON document."""
+
+    def metrics(self, metrics: dict, step: int) -> None: ...
+
+    def params(self, params: dict) -> None: ...
+
+    def dict(self, data: dict, name: str) -> None: ...
+
+
 class Observer:
     """Hooks the stage loop calls. The default does nothing; tracking and printing subclass it."""
 
     def stage(self, index: int, kind: str, city: str):
         return nullcontext()
+
+    def phase(self, name: str, tags: dict | None = None):
+        """A step outside the stage loop that builds its sources (gpd's collect and diffuse): yields a PhaseLog."""
+        return nullcontext(PhaseLog())
 
     def budget(self, index: int, city: str, fraction: float):
         return nullcontext()
@@ -172,6 +186,9 @@ def check_transfer(transfer: TransferConfig) -> None:
     fractions = [float(f) for f in transfer.fractions]
     if fractions != sorted(set(fractions)):
         raise ConfigError(f"transfer.fractions: expected increasing fractions without repeats, got {fractions}")
+    days = [float(d) for d in transfer.target_days]
+    if days != sorted(set(days)):
+        raise ConfigError(f"transfer.target_days: expected increasing days without repeats, got {days}")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -303,7 +320,8 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             monitors.append(monitor)
             zero_data = zero_view.data_used
             scheduler.update(0.0, zero_val["mae"])
-        for fraction in transfer.fractions:
+        curve = budget_points(all_starts, transfer, bundle.steps_per_day, seed)
+        for fraction, starts, days in curve:
             spent = sum(f.fit_time_s for f in fits)
             remaining = None if time_budget_s is None else time_budget_s - spent
             if remaining is not None and remaining <= 0:
@@ -311,10 +329,10 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                 break
             with observer.budget(index, bundle.name, fraction):
                 # the point's data, as a pretraining stage's, is set up outside its resource window
-                starts = sample_windows(all_starts, fraction, transfer.fewshot_mode, seed)
                 view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
                 ctx = context(view, fraction)
-                cap = steps_cap(all_starts.numel(), batch, fraction, transfer.fewshot_mode)
+                cap = None if days is not None else steps_cap(all_starts.numel(), batch, fraction,
+                                                              transfer.fewshot_mode)
                 with ResourceMonitor(device) as monitor:  # each point's own time and memory, its adaptation in
                     adapted = strategy.adapt(ctx)
                     net, report = adapted.model, adapted.report
@@ -328,7 +346,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                     static, flops = _efficiency(net, view, batch)
                 monitors.append(monitor)
                 fits.append(result)
-                point = {"fraction": fraction, "windows": int(starts.numel()), "data": view.data_used,
+                point = {"fraction": fraction, "target_days": days, "windows": int(starts.numel()), "data": view.data_used,
                          "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
                          "best_epoch": result.best_epoch, "train_time_s": result.train_time_s,
                          "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
@@ -357,7 +375,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             curve=[{k: v for k, v in p.items() if k not in ("val", "test")} for p in points],
             transfer=report.summary(ctx.same_nodes),
             scheduler={"stopped_at": scheduler.stopped_at, "reason": scheduler.stop_reason,
-                       "saved_budget": scheduler.saved_budget(transfer.fractions), "steps": scheduler.steps},
+                       "saved_budget": scheduler.saved_budget([p[0] for p in curve]), "steps": scheduler.steps},
             history=history, stopped_reason=stopped_reason,
         )
         new_source = SourceModel(model, model_kwargs, _cpu_state(net), bundle.name, list(bundle.sensor_ids),

@@ -53,10 +53,12 @@ class SourceModel:
     city: str
     sensor_ids: list[str]
     scaler: dict  # {"mean", "std"} of the data the state was trained on: the zero-shot scaler of a target
+    generator: dict | None = None  # a strategy's own source artefact, e.g. gpd's trained denoiser (see below)
 
     def checkpoint(self) -> dict:
-        return {"model": self.model, "model_kwargs": dict(self.model_kwargs), "state": self.state,
-                "city": self.city, "sensor_ids": list(self.sensor_ids), "scaler": dict(self.scaler)}
+        out = {"model": self.model, "model_kwargs": dict(self.model_kwargs), "state": self.state,
+               "city": self.city, "sensor_ids": list(self.sensor_ids), "scaler": dict(self.scaler)}
+        return out | ({"generator": self.generator} if self.generator is not None else {})
 
 
 @dataclass(frozen=True)
@@ -128,18 +130,41 @@ class Adapted:
 
 
 class Strategy:
-    """Base of every strategy: subclass, set the two declarations, implement `adapt`, register it."""
+    """Base of every strategy: subclass, set the declarations, implement `adapt`, register it.
+
+    A strategy whose sources are not a pretraining stage of experiment.model (gpd: node models of several
+    source cities and a denoiser trained on them) sets `builds_sources` and implements the four hooks below;
+    the experiment runner then calls them in order, the first three before any tracking run opens.
+    """
 
     name: ClassVar[str] = ""
     loads_source: ClassVar[bool] = True  # False: nothing from a source, so no pretraining stage is run
     uses_prompt_window: ClassVar[bool] = True  # may read transfer.prompt_days of target readings at zero-shot
+    builds_sources: ClassVar[bool] = False  # True: every city of experiment.datasets is a target, and the
+    #                                         sources come from build_sources instead of stage 0
 
     def adapt(self, ctx: StrategyContext) -> Adapted:  # pragma: no cover - the interface
         raise NotImplementedError
 
+    def source_model(self, params) -> tuple[str, dict]:
+        """(model, model_kwargs) the targets are built with, replacing experiment.model (builds_sources only)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def check(self, params, targets: list[str]) -> None:
+        """Plan-time checks of the strategy's own settings (ConfigError naming the option); no data is read."""
+
+    def prepare_sources(self, params, targets: list, load):
+        """Load (`load(cities) -> bundles`) and check the sources' data before any run opens; returns what
+        build_sources needs."""
+        raise NotImplementedError  # pragma: no cover
+
+    def build_sources(self, prepared, params, *, device: str, observer, echo) -> tuple[SourceModel, ...]:
+        """The sources of the stage loop, built inside the parent run (`observer.phase` opens nested runs)."""
+        raise NotImplementedError  # pragma: no cover
+
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", option="experiment.strategy",
-                                          providers=("graphtune.transfer.strategies",))
+                                          providers=("graphtune.transfer.strategies", "graphtune.generative.strategy"))
 
 
 def register_strategy(name: str):
