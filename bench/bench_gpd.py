@@ -116,7 +116,7 @@ def run(args) -> dict:
 
             def transfer_with(generator, init):
                 src = SourceModel(NODE_MODEL, kwargs, {}, "+".join(sources), [], {"mean": 0.0, "std": 1.0},
-                                  generator=dict(generator, init=init, samples=gpd.samples))
+                                  generator=dict(generator, init=init, samples=generator.get("samples", gpd.samples)))
                 stage, _ = transfer_stage(target, (src,), exp, train, transfer, index=1, n_stages=2)
                 return stage
 
@@ -137,6 +137,12 @@ def run(args) -> dict:
                              "mean_vector_mse": res.history[-1]["mean_baseline_mse"], **stage_row(stage)})
                 print(f"  {target_name} gpd:{variant}: {rows[-1]}", flush=True)
             default_generator = default_generator or res.generator
+            # not GPD: the mean of 8 samples per node, an estimate of E[theta | prompt] (gpd.samples = 8)
+            stage, sec, mem = measured(lambda: transfer_with(dict(default_generator, samples=8), "diffusion"))
+            rows.append({"seed": seed, "target": target_name, "method": f"gpd:{gpd.conditioning}:mean-of-8",
+                         **stage_row(stage)})
+            timings.append({"seed": seed, "target": target_name, "step": "transfer:gpd-mean-of-8", "time_s": sec,
+                            "peak_rss_mb": mem})
             for init in BASELINES:
                 stage, sec, mem = measured(lambda init=init: transfer_with(default_generator, init))
                 timings.append({"seed": seed, "target": target_name, "step": f"transfer:{init}", "time_s": sec,

@@ -74,9 +74,13 @@ def test_shared_init_is_one_draw_and_nodes_only_see_their_ego_subgraph(cities):
     assert torch.equal(net(x)[..., 0], net(x2)[..., 0])  # node 0's model reads its ego-subgraph only
 
 
-def test_a_city_smaller_than_an_ego_subgraph_is_refused(cities):
-    with pytest.raises(ConfigError, match="neighbours"):
-        build_model("node-gwn", cities[0], neighbours=20)
+def test_a_city_smaller_than_an_ego_subgraph_is_refused_by_gpd_and_padded_by_the_model(cities):
+    from graphtune.generative.strategy import check_sources
+
+    with pytest.raises(ConfigError, match="synthetic-1 has 12 nodes, fewer than the 21"):
+        check_sources([], [cities[0]], TINY, {"neighbours": 20})
+    net = build_model("node-gwn", cities[0], neighbours=20)  # the model itself pads the missing slots
+    assert net.ego_valid.sum(1).max() < 21 and torch.isfinite(net(cities[0].batch(torch.arange(2))[0])).all()
 
 
 # ----------------------------------------------------------------------------- the parameter dataset

@@ -63,6 +63,9 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(tmp_path):
     params["train"]["epochs"] = [1]
     params["train"]["lrs"] = [0.003]
     params["prepare"]["stride"] = 4
+    # GPD's stages at their smallest: one collection epoch on every 12th window, a few denoiser steps
+    params["gpd"].update(collect_epochs=1, collect_stride=12, iterations=4, eval_every=2, diffusion_steps=10,
+                         ddim_steps=2, d_model=16, depth=1)
     # the README's three steps: the city's files in data/raw/toy, an entry under cities: and a line in the
     # prepare foreach, then `dvc add data/raw/toy`
     shutil.copytree(REPO / "data" / "sample" / "metr-la-week", user / "data" / "raw" / "toy")
@@ -90,12 +93,15 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(tmp_path):
 
     first = _run(["dvc", "repro"], project, env)
     for stage in ("prepare@metr-la-week", "prepare@metr-la-west", "prepare@metr-la-east", "prepare@toy",
-                  "experiment", "compare"):
+                  "experiment", "gpd-collect", "gpd-diffuse", "gpd-transfer", "compare"):
         assert f"Running stage '{stage}'" in first
     results = json.loads((project / "outputs" / "experiment" / "results.json").read_text())
     assert [s["city"] for s in results["stages"]] == ["metr-la-west", "metr-la-east"]
     assert (project / "outputs" / "compare" / "leaderboard.md").is_file()
     assert (project / "data" / "processed" / "metr-la-east" / "meta.json").is_file()
+    gpd = json.loads((project / "outputs" / "gpd" / "experiment" / "results.json").read_text())
+    assert gpd["strategy"] == "gpd" and [s["city"] for s in gpd["stages"]] == ["metr-la-r1"]
+    assert (project / "outputs" / "gpd" / "params" / "params.npz").is_file()
 
     second = _run(["dvc", "repro"], project, env)
     assert "Running stage" not in second and "up to date" in second

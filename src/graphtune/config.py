@@ -183,11 +183,11 @@ class GpdConfig:
     schedule: str = option("linear", choice("linear", "cosine"))
     beta_start: float = option(1e-5, POSITIVE)
     beta_end: float = option(0.02, POSITIVE)
-    iterations: int = option(1000, integer(min=1))  # denoiser optimizer steps
-    lr: float = option(0.001, POSITIVE)
+    iterations: int = option(2000, integer(min=1))  # denoiser optimizer steps
+    lr: float = option(0.002, POSITIVE)
     batch_size: int = option(64, integer(min=1))
     ema_decay: float = option(0.995, number(min=0, max=1, max_open=True))
-    eval_every: int = option(250, integer(min=1))  # steps between checkpoint evaluations on held-out source nodes
+    eval_every: int = option(500, integer(min=1))  # steps between checkpoint evaluations on held-out source nodes
     sampler: str = option("ddim", choice("ddim", "ddpm"))
     ddim_steps: int = option(50, integer(min=1))
     # a generator file written by `graphtune gpd diffuse` (the DVC pipeline's); empty = an experiment with

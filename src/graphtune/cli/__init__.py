@@ -2,6 +2,7 @@
 
     data.py        prepare, fetch, cities
     experiment.py  experiment, pretrain, finetune
+    gpd.py         gpd collect, gpd diffuse
     compare.py     compare
     models.py      models
 
@@ -99,4 +100,4 @@ def main():
         sys.exit(err.exit_code)
 
 
-from graphtune.cli import compare, data, experiment, models  # noqa: E402,F401  (each module adds its commands)
+from graphtune.cli import compare, data, experiment, gpd, models  # noqa: E402,F401  (each module adds its commands)

@@ -21,7 +21,9 @@ Files, written atomically into one folder (a DVC output):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,9 +119,8 @@ class ParamSet:
         """Write params.npz and meta.json into `folder` atomically (only a folder GraphTune wrote is replaced)."""
         folder = Path(folder)
         with atomic_directory(folder, legacy_names=FILES) as tmp:
-            with open(tmp / "params.npz", "wb") as fh:  # np.savez on a handle: no timestamps, byte-stable
-                np.savez(fh, vectors=self.vectors, spatial=self.spatial, temporal=self.temporal, mean=self.mean,
-                         train=self.train_mask)
+            write_npz(tmp / "params.npz", {"vectors": self.vectors, "spatial": self.spatial, "temporal": self.temporal,
+                                           "mean": self.mean, "train": self.train_mask})
             (tmp / "meta.json").write_text(json.dumps(self.meta(), indent=1, sort_keys=True) + "\n")
         return folder
 
@@ -161,6 +162,16 @@ class ParamSet:
         if ps.vectors.shape != (meta["rows"], meta["numel"]) or ps.hash != meta["hash"]:
             raise DataError(f"{npz_path}: arrays do not match {meta_path} (shape or sha256 differ); collect again")
         return ps
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz that np.load reads, byte-stable (a DVC output): np.savez stamps each member with the current
+    time, so the members are written here with a fixed date, uncompressed, in the given order."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
 
 
 def layout_of(param_shapes: dict[str, tuple[int, ...]], graph_prefix: str = "graph.") -> list[dict]:

@@ -55,6 +55,18 @@ def check_gpd(params: Params, targets: list[str]) -> None:
     params.transfer.prompt_days = resolve_prompt_days(gpd, params.transfer.prompt_days)
 
 
+def check_sources(sources: list[DatasetBundle], targets: list[DatasetBundle], gpd, kwargs: dict) -> None:
+    """Before any run: every city holds an ego-subgraph, and every node has finite prompts in its prompt window."""
+    need = kwargs["neighbours"] + 1
+    for role, group in (("gpd.sources", sources), ("experiment.datasets", targets)):
+        for b in group:
+            if b.num_nodes < need:
+                raise ConfigError(f"{role}: city {b.name} has {b.num_nodes} nodes, fewer than the {need} of an "
+                                  f"ego-subgraph (gpd.model_kwargs.neighbours={kwargs['neighbours']})")
+            prompts_of(prompt_view(b, gpd.prompt_days), gpd, kwargs,
+                       f"{role}: {b.name} (its last gpd.prompt_days={gpd.prompt_days:g} days of training readings)")
+
+
 def read_generator(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,18 +110,10 @@ class Gpd(Strategy):
             bundles = []
         else:
             bundles = load(list(gpd.sources))
-        need = kwargs["neighbours"] + 1
-        for b in bundles + list(targets):
-            if b.num_nodes < need:
-                role = "gpd.sources" if b in bundles else "experiment.datasets"
-                raise ConfigError(f"{role}: city {b.name} has {b.num_nodes} nodes, fewer than the {need} of an "
-                                  f"ego-subgraph (gpd.model_kwargs.neighbours={kwargs['neighbours']})")
-        days = gpd.prompt_days
-        if generator is not None and generator.get("prompt_days") != days:
-            raise ConfigError(f"gpd.prompt_days: {gpd.generator} was trained on prompts of {generator.get('prompt_days')} "
-                              f"days, not {days:g}; set gpd.prompt_days to match")
-        for b in bundles + list(targets):
-            prompts_of(prompt_view(b, days), gpd, kwargs, f"{b.name} (prompt window of transfer.prompt_days={days:g})")
+        if generator is not None and generator.get("prompt_days") != gpd.prompt_days:
+            raise ConfigError(f"gpd.prompt_days: {gpd.generator} was trained on prompts of "
+                              f"{generator.get('prompt_days')} days, not {gpd.prompt_days:g}; set gpd.prompt_days to match")
+        check_sources(bundles, list(targets), gpd, kwargs)
         return _Prepared(bundles, generator)
 
     def build_sources(self, prepared: _Prepared, params: Params, *, device: str, observer, echo

@@ -155,7 +155,7 @@ class NodeModels(ForecastModel):
             draws = [dict(template.named_parameters())] + [
                 dict(NodeGWN(*template.spec).named_parameters()) for _ in range(n - 1)]
             stacked = {name: torch.stack([d[name].detach() for d in draws]) for name in self.param_names}
-        self.weights = nn.ParameterDict({_key(name): nn.Parameter(t) for name, t in stacked.items()})
+        self.node_weights = nn.ParameterDict({_key(name): nn.Parameter(t) for name, t in stacked.items()})
         # the template's own tensors are never used (functional_call replaces them): keep it out of the state
         object.__setattr__(self, "_template", template.requires_grad_(False))
 
@@ -165,7 +165,7 @@ class NodeModels(ForecastModel):
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """name -> the stacked parameter (N, *shape), in flatten order."""
-        return {name: self.weights[_key(name)] for name in self.param_names}
+        return {name: self.node_weights[_key(name)] for name in self.param_names}
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         outs = []
@@ -232,9 +232,7 @@ def node_gwn(
     if receptive_field(blocks, layers) < bundle.t_in:
         raise ConfigError(f"node-gwn: blocks={blocks}, layers={layers} see {receptive_field(blocks, layers)} input "
                           f"steps but t_in={bundle.t_in}; raise blocks or layers")
-    if bundle.num_nodes < neighbours + 1:
-        raise ConfigError(f"experiment.model_kwargs.neighbours: city {bundle.name} has {bundle.num_nodes} nodes, "
-                          f"fewer than the {neighbours + 1} of an ego-subgraph (centre + {neighbours} neighbours); "
-                          "lower neighbours or use a larger city")
+    # A city smaller than an ego-subgraph still runs (slots are padded); gpd refuses it as a source or target
+    # (graphtune.generative.strategy.check_sources), since no node there can have the neighbourhood it models.
     template = NodeGWN(bundle.t_out, residual_channels, dilation_channels, skip_channels, end_channels, blocks, layers)
     return NodeModels(template, np.asarray(bundle.adj, dtype=np.float64), neighbours, shared_init)
