@@ -10,7 +10,7 @@
     generate(generator, target view) -> (N, P)  one vector per target node from its prompts
 
 What each step may read: collection reads the source cities only; every prompt (source or target) comes from
-the last `transfer.prompt_days` of its city's training split, plus, at a target's budget point, that point's
+the last `gpd.prompt_days` of its city's training split, plus, at a target's budget point, that point's
 windows (`DatasetBundle.restrict`): never a validation or test step. Prompt and parameter statistics are fitted
 on the source rows the denoiser trains on. Nothing here reads a target's validation or test split; the stage
 loop evaluates there, as for every strategy.
@@ -189,7 +189,8 @@ def diffuse(ps: ParamSet, gpd: GpdConfig, *, seed: int, device: str = "cpu", log
             entry = {"loss": float(np.mean(losses)), "step": step}
             losses = []
             if len(ho):
-                pred = _sample(ema.module, schedule, gpd, s[ho.to(device)], t[ho.to(device)], seed, device)
+                pred = _sample(ema.module, schedule, gpd.sampler, gpd.ddim_steps, s[ho.to(device)], t[ho.to(device)],
+                               seed, device)
                 entry["heldout_mse"] = float(((pred.cpu() - z_all[ho]) ** 2).mean())
                 entry["mean_baseline_mse"] = float((z_all[ho] ** 2).mean())  # the mean vector is 0 in z units
             key = entry.get("heldout_mse", entry["loss"])
@@ -205,7 +206,7 @@ def diffuse(ps: ParamSet, gpd: GpdConfig, *, seed: int, device: str = "cpu", log
     ema.module.load_state_dict(best_state)
     t0 = time.perf_counter()
     if len(ho):
-        _sample(ema.module, schedule, gpd, s[ho.to(device)], t[ho.to(device)], seed, device)
+        _sample(ema.module, schedule, gpd.sampler, gpd.ddim_steps, s[ho.to(device)], t[ho.to(device)], seed, device)
     sample_time = time.perf_counter() - t0
     generator = {
         "version": 1, "param_hash": ps.hash, "model": ps.model, "model_kwargs": dict(ps.model_kwargs),
@@ -232,17 +233,19 @@ def _scaled(scaler: PromptScaler | None, prompts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(scaler.transform(prompts), np.float32))
 
 
-def _sample(net, schedule, cfg, s: torch.Tensor, t: torch.Tensor, seed: int, device, sampler: str | None = None,
-            ddim_steps: int | None = None) -> torch.Tensor:
-    """Normalised vectors (n, P) sampled for prompts (s, t) with the configured sampler."""
+def _sample(net, schedule, sampler: str, ddim_steps: int, s: torch.Tensor, t: torch.Tensor, seed: int,
+            device) -> torch.Tensor:
+    """Normalised vectors (n, P) sampled for prompts (s, t): DDIM on `ddim_steps` steps, or DDPM on all of them."""
     net.eval()
     gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
     shape = (s.shape[0], net.layout.numel)
-    fn = lambda x, k: net(x, k, s, t)  # noqa: E731
-    sampler = sampler or cfg.sampler
+
+    def fn(x, k):
+        return net(x, k, s, t)
+
     with torch.no_grad():
         if sampler == "ddim":
-            return ddim_sample(fn, schedule, shape, steps=ddim_steps or cfg.ddim_steps, generator=gen, device=device)
+            return ddim_sample(fn, schedule, shape, steps=ddim_steps, generator=gen, device=device)
         return ddpm_sample(fn, schedule, shape, generator=gen, device=device)
 
 
@@ -257,12 +260,6 @@ def load_generator(generator: dict, device="cpu"):
     net.load_state_dict(generator["state"])
     sch = generator["schedule"]
     return net.to(device).eval(), make_schedule(sch["kind"], sch["steps"], sch["beta_start"], sch["beta_end"])
-
-
-@dataclass(frozen=True)
-class _SamplerCfg:
-    sampler: str
-    ddim_steps: int
 
 
 def generate(generator: dict, view: DatasetBundle, *, init: str = "diffusion", seed: int = 0, device="cpu"
@@ -290,8 +287,8 @@ def generate(generator: dict, view: DatasetBundle, *, init: str = "diffusion", s
     elif init != "diffusion":
         raise ConfigError(f"gpd.init: unknown {init!r}")
     net, schedule = load_generator(generator, device)
-    cfg = _SamplerCfg(generator["sampler"], generator["ddim_steps"])
     k = int(generator.get("samples", 1))  # k > 1: the mean of k samples per node (an estimate of E[theta | prompt])
-    z = _sample(net, schedule, cfg, s.repeat(k, 1).to(device), t.repeat(k, 1).to(device), seed, device)
+    z = _sample(net, schedule, generator["sampler"], generator["ddim_steps"], s.repeat(k, 1).to(device),
+                t.repeat(k, 1).to(device), seed, device)
     z = z.reshape(k, view.num_nodes, -1).mean(0).cpu().numpy()
     return torch.from_numpy((z * per_element + mean).astype(np.float32))

@@ -94,6 +94,13 @@ class Gpd(Strategy):
     def check(self, params: Params, targets: list[str]) -> None:
         check_gpd(params, targets)
 
+    def source_identity(self, params: Params) -> str:
+        if not params.gpd.generator:
+            return ""  # collected and diffused in the run: params (gpd, data hashes) identify the sources
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(Path(params.gpd.generator).read_bytes()).hexdigest()
+
     def prepare_sources(self, params: Params, targets: list[DatasetBundle], load) -> _Prepared:
         gpd = params.gpd
         kwargs = node_model_kwargs(gpd)

@@ -5,6 +5,9 @@
         stage and per budget fraction, per-epoch metrics, live table) -> the comparable score and S_uep
         -> results.json / results.csv / PNG plots in experiment.output_dir, logged as artifacts.
 
+A strategy that builds its own sources (`builds_sources`, e.g. gpd) loads and checks them before the parent
+run opens, and builds them inside it (its nested runs come first); every city is then a target.
+
 Every option is checked before any data is read or any run is opened, so bad input never leaves
 a run behind; a failure during training (a diverged fit included) marks the open runs FAILED and
 writes no results files, so it never reaches a leaderboard.
@@ -131,6 +134,7 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
         if explicit_model and explicit_model != model:
             raise ConfigError(f"--model: strategy {exp.strategy} generates {model} models; drop --model {explicit_model}")
         exp.model, exp.model_kwargs = model, kwargs
+        source_id = strategy.source_identity(params)
     exp.datasets = datasets
     check_model_kwargs(exp.model, exp.model_kwargs)  # an unknown model (listing the registered ones), option or range
     plan = Plan(params=params, datasets=datasets, device=resolve_device(exp.device),
@@ -378,7 +382,7 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     strategy = get_strategy(params.experiment.strategy)
     prepared = (strategy.prepare_sources(params, bundles, lambda cities: load_bundles(params, cities))
                 if plan.builds_sources else None)  # every source input checked before any run opens
-    config = resolved_config(plan, bundles)
+    config = resolved_config(plan, bundles + list(getattr(prepared, "bundles", [])))  # the sources a strategy built from
     digest = config_hash(config)
     tr = params.tracking
     tracker = Tracker(tr.tracking_uri or None, tr.experiment_name, system_metrics=tr.system_metrics, enabled=tracking)

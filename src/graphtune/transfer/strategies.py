@@ -153,6 +153,10 @@ class Strategy:
     def check(self, params, targets: list[str]) -> None:
         """Plan-time checks of the strategy's own settings (ConfigError naming the option); no data is read."""
 
+    def source_identity(self, params) -> str:
+        """What identifies the built sources beyond params (e.g. a file's sha256), for the configuration hash."""
+        return ""
+
     def prepare_sources(self, params, targets: list, load):
         """Load (`load(cities) -> bundles`) and check the sources' data before any run opens; returns what
         build_sources needs."""
