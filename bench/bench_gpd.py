@@ -21,6 +21,7 @@ measurement compares shared against independent initialisation of the node model
 
     python bench/bench_gpd.py                 # the full run: bench/results/gpd.json
     python bench/bench_gpd.py --seeds 0 --regions metr-la-r1 --quick    # a smoke run (not for the README)
+    python bench/bench_gpd.py --sampling outputs/gpd/generator/generator.pt   # sampling 200 nodes: gpd_sampling.json
 """
 
 from __future__ import annotations
@@ -203,6 +204,30 @@ def shared_vs_independent(bundles, gpd, train, seed) -> dict:
     return out
 
 
+def sampling_time(generator_path: str, nodes: int = 200, repeats: int = 3) -> dict:
+    """Seconds to sample `nodes` parameter vectors with the generator's denoiser: DDIM at 50 steps and DDPM at all
+    of them (prompts drawn from the source rows it trained on, tiled to `nodes`; the time does not depend on them)."""
+    from graphtune.generative.pipeline import _sample, load_generator
+
+    generator = torch.load(generator_path, map_location="cpu", weights_only=True)
+    net, schedule = load_generator(generator)
+    prompts = generator["train_prompts"]
+    rows = prompts[torch.arange(nodes) % prompts.shape[0]]
+    ds = generator["denoiser"]["spatial_dim"]
+    s, t = rows[:, :ds], rows[:, ds:]
+    out = {"nodes": nodes, "numel": int(generator["mean"].numel()), "denoiser": generator["denoiser"],
+           "torch_threads": torch.get_num_threads()}
+    for sampler, steps in (("ddim", 50), ("ddpm", schedule.steps)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _sample(net, schedule, sampler, steps, s, t, 0, "cpu")
+            times.append(time.perf_counter() - start)
+        out[f"{sampler}_{steps}_steps_s"] = min(times)
+        print(f"sampling {nodes} nodes, {sampler} {steps} steps: {min(times):.2f} s (best of {repeats})")
+    return out
+
+
 def summarise(result: dict) -> list[dict]:
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -242,7 +267,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--merge", nargs="+", default=[], help="merge the JSONs of runs split by seed into --out")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--sampling", default="", metavar="GENERATOR",
+                    help="only time sampling 200 nodes with this generator.pt into bench/results/gpd_sampling.json")
     args = ap.parse_args()
+    if args.sampling:
+        result = sampling_time(args.sampling)
+        result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+        (ROOT / "bench" / "results" / "gpd_sampling.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        return
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         result = {"rows": [r for p in parts for r in p["rows"]], "timings": [t for p in parts for t in p["timings"]],
