@@ -145,6 +145,24 @@ def test_baselines_and_the_checkpoint_chosen_on_held_out_source_nodes(trained, c
     assert g["param_hash"] == ps.hash and g["cities"] == ["synthetic-1", "synthetic-2"]
 
 
+def test_learned_temporal_encoder_trains_on_sources_and_travels_with_the_generator(cities, tmp_path):
+    from graphtune.generative.encoder import list_encoders
+
+    assert list_encoders() == ["masked-ae", "stats"]
+    g = dataclasses.replace(TINY, temporal_encoder="masked-ae")
+    ps = collect(cities[:2], g, batch_size=64, seed=0)
+    name, state = ps.encoder
+    assert name == "masked-ae" and state["last_loss"] < state["first_loss"]  # the reconstruction was learned
+    assert ps.temporal.shape[1] == state["dim"] + 2 and ps.temporal_names[-2:] == ["mean", "std"]
+    ps.save(tmp_path / "p")
+    back = ParamSet.load(tmp_path / "p")
+    assert back.encoder[0] == "masked-ae"
+    assert all(torch.equal(back.encoder[1]["state"][k], v) for k, v in state["state"].items())
+    result = diffuse(back, g, seed=0)
+    view = prompt_view(cities[2], g.prompt_days)
+    assert generate(result.generator, view, seed=0).shape[0] == cities[2].num_nodes
+
+
 def test_target_days_are_the_most_recent_windows(cities):
     b = cities[0]
     starts = b.window_starts("train")

@@ -159,6 +159,8 @@ class GpdConfig:
     # initialisation). The last four are GPD's baselines, run by the same loop.
     init: str = option("diffusion", choice("diffusion", "mean", "nearest", "shuffled", "random"))
     prompts: str = option("both", choice("both", "spatial", "temporal"))  # which node prompts condition generation
+    # the temporal prompt: stats (descriptors) | masked-ae (an encoder learned on the sources, GPD's kind)
+    temporal_encoder: str = option("stats", text(nonempty=True))
     # days of readings at the end of a city's training split that the temporal prompts read: each source's in
     # collection, the target's at zero-shot (a gpd run's transfer.prompt_days is set to it). 2 days: the
     # one-day autocorrelation needs pairs a day apart

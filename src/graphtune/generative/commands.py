@@ -54,6 +54,9 @@ def run_collect(params: Params, *, echo: Callable[[str], None] = print, tracking
         raise ConfigError("gpd.sources: expected at least one source city")
     for city in gpd.sources:
         get_city(city, params.cities)
+    from graphtune.generative.encoder import TEMPORAL_ENCODERS
+
+    TEMPORAL_ENCODERS.get(gpd.temporal_encoder)
     kwargs = node_model_kwargs(gpd)
     device = resolve_device(params.experiment.device)
     out = Path(gpd.output_dir) / "params"

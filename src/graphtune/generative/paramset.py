@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from graphtune.errors import DataError
 from graphtune.fileio import atomic_directory
@@ -54,6 +55,7 @@ class ParamSet:
     mean: np.ndarray | None = None  # (P,) float32
     std: np.ndarray | None = None  # (n_tensors,) float32
     extra: dict = field(default_factory=dict)  # provenance: collection settings, per-city fit summaries
+    encoder: tuple = field(default_factory=lambda: ("stats", {}))  # the temporal prompt encoder (name, state) the temporal prompts came from
 
     @property
     def numel(self) -> int:
@@ -98,6 +100,9 @@ class ParamSet:
             if other.layout != first.layout or other.model_kwargs != first.model_kwargs:
                 raise DataError(f"cannot merge parameter datasets of different node models ({first.cities} and "
                                 f"{other.cities})")
+        if any(ps.encoder[0] != "stats" for ps in sets) and len(sets) > 1:
+            raise DataError("cannot merge parameter datasets whose temporal prompts come from learned encoders: "
+                            "collect the cities together")
         fits = {k: v for ps in sets for k, v in ps.extra.get("fits", {}).items()}
         merged = cls(vectors=np.concatenate([ps.vectors for ps in sets]),
                      spatial=np.concatenate([ps.spatial for ps in sets]),
@@ -113,14 +118,17 @@ class ParamSet:
         return {"version": FORMAT_VERSION, "model": self.model, "model_kwargs": self.model_kwargs,
                 "layout": self.layout, "std": [float(s) for s in self.std], "node_ids": self.node_ids,
                 "cities": self.cities, "spatial_names": self.spatial_names, "temporal_names": self.temporal_names,
-                "rows": len(self.node_ids), "numel": self.numel, "hash": self.hash, "extra": self.extra}
+                "rows": len(self.node_ids), "numel": self.numel, "hash": self.hash, "extra": self.extra,
+                "encoder": {"name": self.encoder[0],
+                            **{k: v for k, v in self.encoder[1].items() if k != "state"}}}
 
     def save(self, folder: str | Path) -> Path:
         """Write params.npz and meta.json into `folder` atomically (only a folder GraphTune wrote is replaced)."""
         folder = Path(folder)
         with atomic_directory(folder, legacy_names=FILES) as tmp:
+            encoder_state = {f"encoder/{k}": v.numpy() for k, v in self.encoder[1].get("state", {}).items()}
             write_npz(tmp / "params.npz", {"vectors": self.vectors, "spatial": self.spatial, "temporal": self.temporal,
-                                           "mean": self.mean, "train": self.train_mask})
+                                           "mean": self.mean, "train": self.train_mask, **encoder_state})
             (tmp / "meta.json").write_text(json.dumps(self.meta(), indent=1, sort_keys=True) + "\n")
         return folder
 
@@ -152,6 +160,8 @@ class ParamSet:
         try:
             with np.load(npz_path) as z:
                 arrays = {k: z[k] for k in ("vectors", "spatial", "temporal", "mean", "train")}
+                encoder_state = {k[len("encoder/"):]: torch.from_numpy(z[k]) for k in z.files
+                                 if k.startswith("encoder/")}
         except (OSError, ValueError, KeyError) as err:
             raise DataError(f"{npz_path}: not a GraphTune parameter dataset ({type(err).__name__})") from None
         ps = cls(vectors=arrays["vectors"], spatial=arrays["spatial"], temporal=arrays["temporal"],
@@ -159,6 +169,9 @@ class ParamSet:
                  model=meta["model"], model_kwargs=meta["model_kwargs"], spatial_names=meta["spatial_names"],
                  temporal_names=meta["temporal_names"], train=arrays["train"].astype(bool), mean=arrays["mean"],
                  std=np.asarray(meta["std"], np.float32), extra=meta.get("extra", {}))
+        enc = dict(meta.get("encoder") or {"name": "stats"})
+        name = enc.pop("name")
+        ps.encoder = (name, enc | ({"state": encoder_state} if encoder_state else {}))
         if ps.vectors.shape != (meta["rows"], meta["numel"]) or ps.hash != meta["hash"]:
             raise DataError(f"{npz_path}: arrays do not match {meta_path} (shape or sha256 differ); collect again")
         return ps

@@ -61,18 +61,25 @@ def prompt_view(bundle: DatasetBundle, prompt_days: float) -> DatasetBundle:
     return bundle.restrict(bundle.window_starts("train")[:0], prompt_steps=steps, fallback_scaler=bundle.scaler)
 
 
-def prompts_of(view: DatasetBundle, gpd: GpdConfig, kwargs: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(spatial (N, Ds), temporal (N, Dt)) raw prompts of a view; an absent part has 0 columns. DataError on NaN."""
-    spatial, temporal = node_prompts(view, kwargs["neighbours"], gpd.profile_bins, gpd.prompts)
+def prompts_of(view: DatasetBundle, gpd: GpdConfig, kwargs: dict, where: str,
+               encoder: tuple[str, dict] = ("stats", {})) -> tuple[np.ndarray, np.ndarray]:
+    """(spatial (N, Ds), temporal (N, Dt)) raw prompts of a view; an absent part has 0 columns. DataError on NaN.
+
+    `encoder` = (name, state) of the temporal encoder (graphtune.generative.encoder), trained on the sources."""
+    from graphtune.data.prompts import SPATIAL_FEATURES
+    from graphtune.generative.encoder import TEMPORAL_ENCODERS, encoder_names
+
     n = view.num_nodes
+    spatial = temporal = None
+    if gpd.prompts in ("both", "spatial"):
+        spatial = node_prompts(view, kwargs["neighbours"], gpd.profile_bins, "spatial")[0]
+        check_prompts(spatial, SPATIAL_FEATURES, view.sensor_ids, where)
+    if gpd.prompts in ("both", "temporal"):
+        name, state = encoder
+        temporal = TEMPORAL_ENCODERS.get(name).encode(state, view, bins=gpd.profile_bins)
+        check_prompts(temporal, encoder_names(name, state, gpd.profile_bins), view.sensor_ids, where)
     spatial = np.zeros((n, 0), np.float32) if spatial is None else spatial
     temporal = np.zeros((n, 0), np.float32) if temporal is None else temporal
-    from graphtune.data.prompts import SPATIAL_FEATURES, TEMPORAL_FEATURES
-
-    if spatial.shape[1]:
-        check_prompts(spatial, SPATIAL_FEATURES, view.sensor_ids, where)
-    if temporal.shape[1]:
-        check_prompts(temporal, TEMPORAL_FEATURES(gpd.profile_bins), view.sensor_ids, where)
     return spatial, temporal
 
 
@@ -95,6 +102,13 @@ def collect(bundles: list[DatasetBundle], gpd: GpdConfig, *, batch_size: int, se
     vectors, spatial, temporal, ids, held, fits = [], [], [], [], [], {}
     layout = None
     epoch0 = 0
+    encoder = ("stats", {})
+    if gpd.prompts != "spatial":  # the temporal encoder learns from the sources' prompt windows only
+        from graphtune.generative.encoder import TEMPORAL_ENCODERS
+
+        views = [prompt_view(b, prompt_days) for b in bundles]
+        encoder = (gpd.temporal_encoder,
+                   TEMPORAL_ENCODERS.get(gpd.temporal_encoder).fit(views, bins=gpd.profile_bins, seed=seed))
     for bundle in bundles:
         torch.manual_seed(seed)  # every city's node models from the same seeded draw (shared_init)
         net = build_model(NODE_MODEL, bundle, **kwargs)
@@ -110,19 +124,21 @@ def collect(bundles: list[DatasetBundle], gpd: GpdConfig, *, batch_size: int, se
                              "nodes": bundle.num_nodes}
         echo(f"  collected {bundle.num_nodes} node models of {bundle.name}: val MAE {result.best_val_mae:.3f}, "
              f"{fits[bundle.name]['fit_time_s']:.1f} s")
-        s, t = prompts_of(prompt_view(bundle, prompt_days), gpd, kwargs, f"gpd.sources: {bundle.name}")
+        s, t = prompts_of(prompt_view(bundle, prompt_days), gpd, kwargs, f"gpd.sources: {bundle.name}", encoder)
         vectors.append(net.vectors().numpy())
         spatial.append(s)
         temporal.append(t)
         ids += [f"{bundle.name}:{sid}" for sid in bundle.sensor_ids]
         held.append(_holdout(bundle.num_nodes, gpd.holdout, seed))
-    from graphtune.data.prompts import SPATIAL_FEATURES, TEMPORAL_FEATURES
+    from graphtune.data.prompts import SPATIAL_FEATURES
+    from graphtune.generative.encoder import encoder_names
 
     ps = ParamSet(vectors=np.concatenate(vectors).astype(np.float32), spatial=np.concatenate(spatial),
                   temporal=np.concatenate(temporal), node_ids=ids, cities=[b.name for b in bundles], layout=layout,
                   model=NODE_MODEL, model_kwargs=kwargs,
                   spatial_names=list(SPATIAL_FEATURES) if gpd.prompts != "temporal" else [],
-                  temporal_names=list(TEMPORAL_FEATURES(gpd.profile_bins)) if gpd.prompts != "spatial" else [],
+                  temporal_names=encoder_names(*encoder, gpd.profile_bins) if gpd.prompts != "spatial" else [],
+                  encoder=encoder,
                   train=~np.concatenate(held),
                   extra={"seed": seed, "collect_epochs": gpd.collect_epochs, "collect_lr": gpd.collect_lr,
                          "prompt_days": prompt_days, "prompts": gpd.prompts, "profile_bins": gpd.profile_bins,
@@ -220,6 +236,7 @@ def diffuse(ps: ParamSet, gpd: GpdConfig, *, seed: int, device: str = "cpu", log
         "temporal_scaler": t_scaler.to_dict() if t_scaler else None,
         "prompts": ps.extra.get("prompts", gpd.prompts), "profile_bins": ps.extra.get("profile_bins", gpd.profile_bins),
         "prompt_days": ps.extra.get("prompt_days"),
+        "temporal_encoder": {"name": ps.encoder[0], "state": ps.encoder[1]},
         "train_vectors": torch.from_numpy(ps.vectors[train_rows]),
         "train_prompts": torch.cat([s_all[tr], t_all[tr]], dim=1),
         "cities": list(ps.cities), "best_step": best_step,
@@ -273,7 +290,9 @@ def generate(generator: dict, view: DatasetBundle, *, init: str = "diffusion", s
     if init == "mean":
         return torch.from_numpy(np.tile(mean, (view.num_nodes, 1)))
     gpd = GpdConfig(prompts=generator["prompts"], profile_bins=generator["profile_bins"])
-    spatial, temporal = prompts_of(view, gpd, generator["model_kwargs"], f"{view.name} (target prompts)")
+    enc = generator.get("temporal_encoder") or {"name": "stats", "state": {}}
+    spatial, temporal = prompts_of(view, gpd, generator["model_kwargs"], f"{view.name} (target prompts)",
+                                   (enc["name"], enc["state"]))
     s = _scaled(PromptScaler.from_dict(generator["spatial_scaler"]) if generator["spatial_scaler"] else None, spatial)
     t = _scaled(PromptScaler.from_dict(generator["temporal_scaler"]) if generator["temporal_scaler"] else None,
                 temporal)

@@ -50,7 +50,10 @@ def check_gpd(params: Params, targets: list[str]) -> None:
             get_city(city, params.cities)
     elif not Path(gpd.generator).is_file():
         raise ConfigError(f"gpd.generator: {gpd.generator} not found (run `graphtune gpd diffuse` first)")
+    from graphtune.generative.encoder import TEMPORAL_ENCODERS
+
     DENOISERS.get(gpd.conditioning)
+    TEMPORAL_ENCODERS.get(gpd.temporal_encoder)
     node_model_kwargs(gpd)
     params.transfer.prompt_days = resolve_prompt_days(gpd, params.transfer.prompt_days)
 
