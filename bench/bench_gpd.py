@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -70,6 +71,29 @@ def induced(bundle, sensor_ids: list[str], name: str):
                                coords=None if bundle.coords is None else bundle.coords[idx], meta={})
 
 
+def cached_collect(bundle, gpd, batch_size: int, seed: int, cache: Path | None):
+    """One region's node models: from `cache` when another process (or an earlier run) collected them with the
+    same settings, else collected now (and cached). Returns (ParamSet, seconds, peak MB or None, from_cache)."""
+    if cache is None:
+        ps, sec, mem = measured(lambda: collect([bundle], gpd, batch_size=batch_size, seed=seed))
+        return ps, sec, mem, False
+    key = json.dumps([bundle.name, seed, batch_size, dataclasses.asdict(gpd)], sort_keys=True)
+    folder = cache / f"{bundle.name}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    lock = folder.with_suffix(".lock")
+    while lock.exists():  # another process is collecting it
+        time.sleep(5)
+    if (folder / "meta.json").exists():
+        return ParamSet.load(folder), 0.0, None, True
+    lock.touch()
+    try:
+        ps, sec, mem = measured(lambda: collect([bundle], gpd, batch_size=batch_size, seed=seed))
+        ps.save(folder)
+        (folder / "time.json").write_text(json.dumps({"time_s": sec, "peak_rss_mb": mem}))
+    finally:
+        lock.unlink()
+    return ps, sec, mem, False
+
+
 def measured(fn):
     """(result, seconds, peak RSS MB above the start) of fn()."""
     with ResourceMonitor("cpu") as monitor:
@@ -95,6 +119,7 @@ def run(args) -> dict:
     train = dataclasses.replace(params.train, epochs=[args.pretrain_epochs, args.finetune_epochs])
     transfer = dataclasses.replace(params.transfer, target_days=[1.0, 3.0], prompt_days=gpd.prompt_days,
                                    min_gain_rate=-1e9, min_rel_improve=-1e9, patience=10)  # every point runs
+    zero_only = dataclasses.replace(transfer, target_days=[], fractions=[])
     kwargs = node_model_kwargs(gpd)
     bundles = {r: prepare_dataset(r, params.prepare) for r in REGIONS}
     week = prepare_dataset("metr-la-week", params.prepare)
@@ -103,11 +128,13 @@ def run(args) -> dict:
     for seed in args.seeds:
         sets = {}
         for r in REGIONS:  # each region's node models once per seed; every fold reuses them
-            ps, sec, mem = measured(lambda r=r: collect([bundles[r]], gpd, batch_size=train.batch_size, seed=seed))
+            ps, sec, mem, cached = cached_collect(bundles[r], gpd, train.batch_size, seed, args.cache)
             sets[r] = ps
-            timings.append({"seed": seed, "step": "collect", "city": r, "nodes": bundles[r].num_nodes,
-                            "time_s": sec, "peak_rss_mb": mem})
-            print(f"seed {seed}: collected {r} ({bundles[r].num_nodes} nodes) in {sec:.0f} s", flush=True)
+            if not cached:
+                timings.append({"seed": seed, "step": "collect", "city": r, "nodes": bundles[r].num_nodes,
+                                "time_s": sec, "peak_rss_mb": mem})
+            print(f"seed {seed}: collected {r} ({bundles[r].num_nodes} nodes) in {sec:.0f} s"
+                  + (" (cached)" if cached else ""), flush=True)
         for target_name in args.regions:
             target = bundles[target_name]
             sources = [r for r in REGIONS if r != target_name]
@@ -115,10 +142,11 @@ def run(args) -> dict:
             exp = ExperimentConfig(datasets=[target_name], model=NODE_MODEL, model_kwargs=kwargs, strategy="gpd",
                                    seed=seed)
 
-            def transfer_with(generator, init):
+            def transfer_with(generator, init, method):
                 src = SourceModel(NODE_MODEL, kwargs, {}, "+".join(sources), [], {"mean": 0.0, "std": 1.0},
                                   generator=dict(generator, init=init, samples=generator.get("samples", gpd.samples)))
-                stage, _ = transfer_stage(target, (src,), exp, train, transfer, index=1, n_stages=2)
+                curve = transfer if method not in args.zero_only else zero_only  # zero-shot only: no budget point
+                stage, _ = transfer_stage(target, (src,), exp, train, curve, index=1, n_stages=2)
                 return stage
 
             default_generator = None
@@ -130,7 +158,7 @@ def run(args) -> dict:
                                 "sampled_nodes": int((~ps.train_mask).sum())})
                 if variant == gpd.conditioning:
                     default_generator = res.generator
-                stage, sec, mem = measured(lambda: transfer_with(res.generator, "diffusion"))
+                stage, sec, mem = measured(lambda: transfer_with(res.generator, "diffusion", f"gpd:{variant}"))
                 timings.append({"seed": seed, "target": target_name, "step": f"transfer:gpd:{variant}", "time_s": sec,
                                 "peak_rss_mb": mem})
                 rows.append({"seed": seed, "target": target_name, "method": f"gpd:{variant}",
@@ -138,19 +166,13 @@ def run(args) -> dict:
                              "mean_vector_mse": res.history[-1]["mean_baseline_mse"], **stage_row(stage)})
                 print(f"  {target_name} gpd:{variant}: {rows[-1]}", flush=True)
             default_generator = default_generator or res.generator
-            # not GPD: the mean of 8 samples per node, an estimate of E[theta | prompt] (gpd.samples = 8)
-            stage, sec, mem = measured(lambda: transfer_with(dict(default_generator, samples=8), "diffusion"))
-            rows.append({"seed": seed, "target": target_name, "method": f"gpd:{gpd.conditioning}:mean-of-8",
-                         **stage_row(stage)})
-            timings.append({"seed": seed, "target": target_name, "step": "transfer:gpd-mean-of-8", "time_s": sec,
-                            "peak_rss_mb": mem})
-            for init in BASELINES:
-                stage, sec, mem = measured(lambda init=init: transfer_with(default_generator, init))
+            for init in [b for b in BASELINES if b not in args.skip]:
+                stage, sec, mem = measured(lambda init=init: transfer_with(default_generator, init, init))
                 timings.append({"seed": seed, "target": target_name, "step": f"transfer:{init}", "time_s": sec,
                                 "peak_rss_mb": mem})
                 rows.append({"seed": seed, "target": target_name, "method": init, **stage_row(stage)})
                 print(f"  {target_name} {init}: {rows[-1]}", flush=True)
-            if not args.skip_gwnet:
+            if "gwnet-full" not in args.skip:
                 rest = [s for s in week.sensor_ids if s not in set(target.sensor_ids)]
                 source_city = induced(week, rest, f"metr-la-week-minus-{target_name}")
                 gw = ExperimentConfig(datasets=[source_city.name, target_name], model="gwnet", strategy="full",
@@ -170,27 +192,29 @@ def run(args) -> dict:
                                   weight_decay=0.0, clip_grad=None)
                 fit(net, target, cfg, seed=seed, train_starts=target.window_starts("train")[::gpd.collect_stride])
                 return evaluate(net, target, "test")
-            test, sec, mem = measured(oracle)
-            timings.append({"seed": seed, "target": target_name, "step": "oracle", "time_s": sec, "peak_rss_mb": mem})
-            rows.append({"seed": seed, "target": target_name, "method": "oracle", "mae_full": test["mae"],
-                         "rmse_full": test["rmse"]})
+            if "oracle" not in args.skip:
+                test, sec, mem = measured(oracle)
+                timings.append({"seed": seed, "target": target_name, "step": "oracle", "time_s": sec,
+                                "peak_rss_mb": mem})
+                rows.append({"seed": seed, "target": target_name, "method": "oracle", "mae_full": test["mae"],
+                             "rmse_full": test["rmse"]})
             ha = evaluate(build_model("ha", target), target, "test")
             rows.append({"seed": seed, "target": target_name, "method": "ha", "mae_full": ha["mae"],
                          "rmse_full": ha["rmse"]})
-            print(f"  {target_name} oracle MAE {test['mae']:.3f}, HA MAE {ha['mae']:.3f}", flush=True)
-    init_effect = None if args.skip_init_effect else shared_vs_independent(bundles, gpd, train, args.seeds[0])
+            print(f"  {target_name} HA MAE {ha['mae']:.3f}", flush=True)
+    init_effect = None if args.skip_init_effect else shared_vs_independent(bundles, gpd, train, args.seeds[0],
+                                                                           args.cache)
     return {"rows": rows, "timings": timings, "init_effect": init_effect}
 
 
-def shared_vs_independent(bundles, gpd, train, seed) -> dict:
+def shared_vs_independent(bundles, gpd, train, seed, cache) -> dict:
     """The effect of one seeded initialisation for every node model: collect metr-la-r2..r5 both ways, and compare
     the spread of the vectors across nodes and the mean-vector model's zero-shot MAE on metr-la-r1."""
     out = {}
     target = bundles["metr-la-r1"]
     for shared in (True, False):
         g = dataclasses.replace(gpd, model_kwargs=dict(gpd.model_kwargs, shared_init=shared))
-        ps = ParamSet.merge([collect([bundles[r]], g, batch_size=train.batch_size, seed=seed)
-                             for r in REGIONS[1:]])
+        ps = ParamSet.merge([cached_collect(bundles[r], g, train.batch_size, seed, cache)[0] for r in REGIONS[1:]])
         view = prompt_view(target, gpd.prompt_days)
         torch.manual_seed(seed)
         net = build_model(NODE_MODEL, view, **node_model_kwargs(g))
@@ -261,7 +285,11 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3, help="epochs per budget point")
     ap.add_argument("--gwnet-kwargs", type=json.loads, default={"residual_channels": 16, "dilation_channels": 16,
                                                                 "skip_channels": 64, "end_channels": 128})
-    ap.add_argument("--skip-gwnet", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], help="methods not to run: random mean nearest shuffled "
+                    "gwnet-full oracle")
+    ap.add_argument("--zero-only", nargs="*", default=[], help="methods measured zero-shot only (no budget point), "
+                    "e.g. gpd:adaln shuffled")
+    ap.add_argument("--cache", type=Path, default=None, help="folder of collected node models shared by processes")
     ap.add_argument("--skip-init-effect", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not a measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -293,6 +321,7 @@ def main() -> None:
     result["settings"] = {"seeds": args.seeds, "regions": args.regions, "quick": args.quick,
                           "iterations": args.iterations, "pretrain_epochs": args.pretrain_epochs,
                           "finetune_epochs": args.finetune_epochs, "gwnet_kwargs": args.gwnet_kwargs,
+                          "skip": args.skip, "zero_only": args.zero_only,
                           "gpd": dataclasses.asdict(load_params(ROOT / "params.yaml").gpd)}
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "python": platform.python_version(), "torch": torch.__version__,

@@ -168,7 +168,7 @@ class GpdConfig:
     samples: int = option(1, integer(min=1))  # vectors sampled per target node and averaged (1 = GPD: one sample)
     profile_bins: int = option(8, integer(min=1))  # time-of-day bins of the temporal prompt's daily profile
     # collection: every source node model trains on its ego-subgraph (all of a city's nodes as one grouped fit)
-    collect_epochs: int = option(10, integer(min=1))
+    collect_epochs: int = option(6, integer(min=1))
     collect_lr: float = option(0.005, POSITIVE)
     # collection trains on every k-th training window: a city's node models cost about 1.3 s per batch of 64
     # windows on 2 CPU cores (100 nodes), so k = 3 keeps a region's collection near a minute
