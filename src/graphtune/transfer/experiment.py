@@ -429,6 +429,10 @@ def logged_params(plan: Plan, tracking_uri: str | None) -> dict:
     store as they are used, never an empty string (the compare section is not part of a run)."""
     logged = plan.params.as_dict()
     logged.pop("compare", None)
+    if not plan.builds_sources:
+        logged.pop("gpd", None)  # settings of a strategy this run does not use
+    elif not logged["gpd"]["generator"]:
+        logged["gpd"]["generator"] = "trained in this run"
     logged["experiment"]["name"] = plan.name
     logged["experiment"]["device"] = plan.device
     logged["tracking"]["tracking_uri"] = tracking_uri or "disabled"
