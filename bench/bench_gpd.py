@@ -198,6 +198,9 @@ def run(args) -> dict:
                                 "peak_rss_mb": mem})
                 rows.append({"seed": seed, "target": target_name, "method": "oracle", "mae_full": test["mae"],
                              "rmse_full": test["rmse"]})
+                print(f"  {target_name} oracle: {rows[-1]}", flush=True)
+            if args.partial:  # every finished fold on disk: a killed run keeps what it measured
+                Path(args.partial).write_text(json.dumps({"rows": rows, "timings": timings}, indent=1) + "\n")
             ha = evaluate(build_model("ha", target), target, "test")
             rows.append({"seed": seed, "target": target_name, "method": "ha", "mae_full": ha["mae"],
                          "rmse_full": ha["rmse"]})
@@ -289,6 +292,7 @@ def main() -> None:
                     "gwnet-full oracle")
     ap.add_argument("--zero-only", nargs="*", default=[], help="methods measured zero-shot only (no budget point), "
                     "e.g. gpd:adaln shuffled")
+    ap.add_argument("--partial", default="", help="write rows and timings here after every fold")
     ap.add_argument("--cache", type=Path, default=None, help="folder of collected node models shared by processes")
     ap.add_argument("--skip-init-effect", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not a measurement")
