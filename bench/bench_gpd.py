@@ -125,7 +125,7 @@ def run(args) -> dict:
     week = prepare_dataset("metr-la-week", params.prepare)
     variants = list_denoisers() if not args.variants else args.variants.split(",")
     rows, timings = [], []
-    for seed in args.seeds:
+    for seed in ([] if args.init_effect_only else args.seeds):
         sets = {}
         for r in REGIONS:  # each region's node models once per seed; every fold reuses them
             ps, sec, mem, cached = cached_collect(bundles[r], gpd, train.batch_size, seed, args.cache)
@@ -183,6 +183,8 @@ def run(args) -> dict:
                 timings.append({"seed": seed, "target": target_name, "step": "gwnet-full", "time_s": sec1 + sec2,
                                 "peak_rss_mb": max(mem1 or 0, mem2 or 0)})
                 rows.append({"seed": seed, "target": target_name, "method": "gwnet-full", **stage_row(stage)})
+                if args.partial:
+                    Path(args.partial).write_text(json.dumps({"rows": rows, "timings": timings}, indent=1) + "\n")
                 print(f"  {target_name} gwnet-full: {rows[-1]}", flush=True)
             # the oracle: node models trained on the target's whole training split, as a source city's are
             def oracle():
@@ -205,6 +207,8 @@ def run(args) -> dict:
             rows.append({"seed": seed, "target": target_name, "method": "ha", "mae_full": ha["mae"],
                          "rmse_full": ha["rmse"]})
             print(f"  {target_name} HA MAE {ha['mae']:.3f}", flush=True)
+            if args.partial:
+                Path(args.partial).write_text(json.dumps({"rows": rows, "timings": timings}, indent=1) + "\n")
     init_effect = None if args.skip_init_effect else shared_vs_independent(bundles, gpd, train, args.seeds[0],
                                                                            args.cache)
     return {"rows": rows, "timings": timings, "init_effect": init_effect}
@@ -295,6 +299,7 @@ def main() -> None:
     ap.add_argument("--partial", default="", help="write rows and timings here after every fold")
     ap.add_argument("--cache", type=Path, default=None, help="folder of collected node models shared by processes")
     ap.add_argument("--skip-init-effect", action="store_true")
+    ap.add_argument("--init-effect-only", action="store_true", help="only shared against independent initialisation")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run, not a measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--merge", nargs="+", default=[], help="merge the JSONs of runs split by seed into --out")
