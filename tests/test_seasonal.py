@@ -8,9 +8,12 @@ import torch
 from graphtune.data.synthetic import synthetic_bundle
 from graphtune.errors import ConfigError
 from graphtune.models import build_model, list_models, model_defaults
+from graphtune.models.registry import MODELS
 from graphtune.models.seasonal import SeasonalResidual, seasonal_profile
 
-LEARNABLE = [m for m in list_models() if m not in ("ha", "persistence")]
+# the learnable models the shared `seasonal` option applies to (node-gwn's parameters are generated per node by
+# gpd, so it takes no wrapper)
+LEARNABLE = [m for m in list_models() if m not in ("ha", "persistence") and MODELS.get(m).seasonal]
 SMALL = {"gwnet": {"residual_channels": 4, "dilation_channels": 4, "skip_channels": 8, "end_channels": 8},
          "dcrnn": {"hidden": 4}, "dgcrn": {"hidden": 4}}
 
