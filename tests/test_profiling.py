@@ -123,15 +123,16 @@ def test_profile_model_on_a_bundle():
 
 
 def test_resource_monitor_sees_a_200_mb_block_on_cpu():
+    # numpy, not torch: a block torch freed earlier in the session can be handed out again without new pages
     with ResourceMonitor("cpu") as mon:
-        block = torch.ones(50_000_000)  # 200 MB, written so the pages are resident
+        block = np.ones(50_000_000, dtype=np.float32)  # 200 MB, written so the pages are resident
         time.sleep(0.05)
     assert mon.peak_rss_mb > 150
     assert mon.peak_gpu_mb is None  # no CUDA device measured
     assert mon.elapsed_s >= 0.05
     del block
     with ResourceMonitor("cpu") as mon:  # freed before the block ends: only the sampler can see it
-        block = torch.ones(50_000_000)
+        block = np.ones(50_000_000, dtype=np.float32)
         time.sleep(0.5)  # long enough for the sampler thread to run even when other processes load every core
         del block
     assert mon.peak_rss_mb > 150
