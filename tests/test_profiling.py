@@ -1,3 +1,4 @@
+import gc
 import math
 import os
 import subprocess
@@ -123,7 +124,9 @@ def test_profile_model_on_a_bundle():
 
 
 def test_resource_monitor_sees_a_200_mb_block_on_cpu():
-    # numpy, not torch: a block torch freed earlier in the session can be handed out again without new pages
+    # Garbage of earlier tests collected first: a large object freed inside the block would offset the block in
+    # the RSS difference (seen on a full-suite run). numpy, not torch, so the block gets fresh pages.
+    gc.collect()
     with ResourceMonitor("cpu") as mon:
         block = np.ones(50_000_000, dtype=np.float32)  # 200 MB, written so the pages are resident
         time.sleep(0.05)
@@ -131,6 +134,7 @@ def test_resource_monitor_sees_a_200_mb_block_on_cpu():
     assert mon.peak_gpu_mb is None  # no CUDA device measured
     assert mon.elapsed_s >= 0.05
     del block
+    gc.collect()
     with ResourceMonitor("cpu") as mon:  # freed before the block ends: only the sampler can see it
         block = np.ones(50_000_000, dtype=np.float32)
         time.sleep(0.5)  # long enough for the sampler thread to run even when other processes load every core
