@@ -188,41 +188,29 @@ _register(CitySpec(
     description="Embedded real sample: the first week of METR-LA (speeds via T-GCN, graph via DCRNN; MIT)",
 ))
 
-for _side in SIDES:
+def _register_week_subset(name: str, subset: dict, nodes: int, edges: int, description: str) -> None:
+    """A real sub-city of the embedded METR-LA week: the parent's files, units and dates, its own sensors."""
+    week = REGISTERED["metr-la-week"]
     _register(CitySpec(
-        name=f"metr-la-{_side}",
-        directory=REGISTERED["metr-la-week"].directory,
-        series=REGISTERED["metr-la-week"].series,
-        graph=REGISTERED["metr-la-week"].graph,
-        locations=REGISTERED["metr-la-week"].locations,
-        series_options=REGISTERED["metr-la-week"].series_options,
-        units="mph",
-        null_value=0.0,
-        subset={"parent": "metr-la-week", "side": _side},
-        facts={"shape": [2016, 103 if _side == "west" else 104], "interval_minutes": 5, "missing_share": 0.0,
-               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "edges": 711 if _side == "west" else 683},
-        description=f"Embedded real sample: the METR-LA week's sensors {_side} of the median longitude",
+        name=name, directory=week.directory, series=week.series, graph=week.graph, locations=week.locations,
+        series_options=week.series_options, units="mph", null_value=0.0, subset={"parent": "metr-la-week", **subset},
+        facts={"shape": [2016, nodes], "interval_minutes": 5, "missing_share": 0.0,
+               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "edges": edges},
+        description=description,
     ))
+
+
+for _side, (_nodes, _edges) in {"west": (103, 711), "east": (104, 683)}.items():
+    _register_week_subset(f"metr-la-{_side}", {"side": _side}, _nodes, _edges,
+                          f"Embedded real sample: the METR-LA week's sensors {_side} of the median longitude")
 
 # Region r of the week's sensors in REGIONS k-means regions, numbered west to east: (sensors, directed edges of the
 # induced subgraph, self-loops not counted), as `prepare` measures them.
 _REGION_FACTS = {1: (36, 205), 2: (28, 135), 3: (52, 353), 4: (51, 395), 5: (40, 194)}
 for _region, (_nodes, _edges) in _REGION_FACTS.items():
-    _register(CitySpec(
-        name=f"metr-la-r{_region}",
-        directory=REGISTERED["metr-la-week"].directory,
-        series=REGISTERED["metr-la-week"].series,
-        graph=REGISTERED["metr-la-week"].graph,
-        locations=REGISTERED["metr-la-week"].locations,
-        series_options=REGISTERED["metr-la-week"].series_options,
-        units="mph",
-        null_value=0.0,
-        subset={"parent": "metr-la-week", "regions": REGIONS, "region": _region},
-        facts={"shape": [2016, _nodes], "interval_minutes": 5, "missing_share": 0.0,
-               "date_range": ["2012-03-01 00:00", "2012-03-07 23:55"], "edges": _edges},
-        description=f"Embedded real sample: region {_region} of {REGIONS} of the METR-LA week's sensors "
-                    f"(k-means on coordinates)",
-    ))
+    _register_week_subset(f"metr-la-r{_region}", {"regions": REGIONS, "region": _region}, _nodes, _edges,
+                          f"Embedded real sample: region {_region} of {REGIONS} of the METR-LA week's sensors "
+                          "(k-means on coordinates)")
 
 
 _register(CitySpec(
