@@ -10,6 +10,8 @@ A model says what it needs through this interface instead of being special-cased
   forcing). False for models that never read them.
 - `after_transfer()`: a strategy calls it once the model holds weights transferred from a source, before
   fine-tuning (e.g. a sequence-to-sequence model ends its teacher-forcing curriculum there).
+- `prunable_groups()`: the channel groups data-free compression may remove (compression/groups.py), each
+  with the builder option that holds its width; none by default.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class ForecastModel(nn.Module):
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def prunable_groups(self) -> list:
+        """The PruneGroups compression may prune, in forward order (graphtune.compression.groups); none here."""
+        return []
 
     def after_transfer(self) -> None:
         """Called by a strategy after loading a source's weights; nothing to do for most models."""

@@ -11,6 +11,10 @@ exp(q.k / tau) is replaced by positive random features phi(q).phi(k) (Performer 
 costs O(N r d) instead of O(N^2 d): no N x N matrix is ever formed. The node embedding `node_emb`
 is the only node-specific tensor. Left out from the paper: the long-history preprocessing stage and
 the auxiliary spatial loss (the model contract returns predictions only).
+
+Data-free compression finds no prunable group here: every mixer's channels add into a residual stream
+that a LayerNorm then normalises across channels (removing one shifts the statistics of all), and the
+regression head is a single Linear over [h0, h], both of which carry that stream.
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ two 1x1 end convolutions map the skip sum to T_out steps. The only node-specific
 adaptive-adjacency embeddings E1, E2 (`node_emb_source`, `node_emb_target`); a transferred model gets
 fresh ones for the new graph and keeps every convolution.
 
+Data-free compression (graphtune.compression) may prune two groups, whose channels reach their
+consumers through ReLU alone: the skip channels (every skip convolution's outputs, summed, ReLU, into
+end_conv_1) and the end channels (end_conv_1, ReLU, end_conv_2). The residual channels are left alone
+(every layer adds into them and the BatchNorm mixes their statistics), and so are the gated dilation
+channels (tanh * sigmoid of two halves is not per-channel ReLU, and they feed the graph convolution's
+concatenated powers).
+
 Layout: channels last, (B, T, N, C) (the reference uses (B, C, N, T)). Every 1x1 convolution is then an
 `nn.Linear` over all (batch, time, node) rows and each kernel-2 dilated convolution a Linear on the
 concatenation of the two taps; on CPU these GEMMs beat mkldnn 1x1 convolutions on (B, C, N, T).
@@ -73,6 +80,13 @@ class GraphWaveNet(ForecastModel):
         self.norms = nn.ModuleList(nn.BatchNorm1d(residual_channels) for _ in self.dilations[:-1])
         self.end_conv_1 = nn.Linear(skip_channels, end_channels)
         self.end_conv_2 = nn.Linear(end_channels, t_out)
+
+    def prunable_groups(self) -> list:
+        from graphtune.compression.groups import PruneGroup
+
+        skips = tuple(f"skip_convs.{i}" for i in range(len(self.skip_convs)))
+        return [PruneGroup("skip", "skip_channels", skips, ("end_conv_1",)),
+                PruneGroup("end", "end_channels", ("end_conv_1",), ("end_conv_2",))]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         # Channels: scaled value, time of day in [0, 1), day of week brought to [0, 1).

@@ -72,6 +72,15 @@ class HyperNet(ForecastModel):
         nn.init.zeros_(self.generator.weight)
         nn.init.zeros_(self.generator.bias)
 
+    def prunable_groups(self) -> list:
+        """The prompt MLP's two hidden layers (each Linear, ReLU, into the next Linear or the film and generator
+        heads). Both widths are `prompt_hidden`, pruned at one ratio. The encoder's channels are left alone:
+        its output feeds the graph convolution's residual sum, and its hidden layer shares the width `hidden`."""
+        from graphtune.compression.groups import PruneGroup
+
+        return [PruneGroup("prompt_encoder.0", "prompt_hidden", ("prompt_encoder.0",), ("prompt_encoder.2",)),
+                PruneGroup("prompt_encoder.2", "prompt_hidden", ("prompt_encoder.2",), ("film", "generator"))]
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         b, _, n, _ = x.shape
         angle = 2 * torch.pi * x[:, -1, :, 1]  # (B, N)

@@ -5,6 +5,10 @@ probability that decays with the number of training batches seen (inverse sigmoi
 2015, as in DCRNN): one coin per decoder step for the whole batch, as in the reference implementations.
 A model built for transfer has finished its curriculum: `after_transfer` moves it past the decay, so it is
 fine-tuned free-running, the way it is evaluated.
+
+Data-free compression declares no prunable group in these models: a GRU's hidden channels recirculate
+through its own gates at every step, so a pruned channel's contribution cannot be moved into its
+consumers once (graphtune.compression handles channels that flow forward through ReLU only).
 """
 
 from __future__ import annotations
