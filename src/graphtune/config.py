@@ -42,6 +42,15 @@ POSITIVE = number(min=0, min_open=True)
 NON_NEGATIVE = number(min=0)
 
 
+class _Ratio(Check):
+    """A compression ratio in [0, 1), or "budget"."""
+
+    description = 'a compression ratio in [0, 1) or "budget"'
+
+    def accepts(self, value) -> bool:
+        return value == "budget" or number(min=0, max=1, max_open=True).accepts(value)
+
+
 @dataclass
 class PrepareConfig:
     """`prepare:` how raw city files become processed arrays and windows."""
@@ -199,6 +208,44 @@ class GpdConfig:
 
 
 @dataclass
+class CompressConfig:
+    """`compress:` data-free compression with compensation (graphtune.compression): `graphtune compress` and the
+    transfer strategy `compress` (prune the transferred model before any target data is used)."""
+
+    # the command's model: a network family (lenet-300-100 | vgg | resnet-bottleneck) or a forecasting model with
+    # prunable groups (gwnet, hypernet); the strategy compresses experiment.model instead
+    model: str = option("lenet-300-100", text(nonempty=True))
+    # the command's data: digits (scikit-learn's load_digits, real, shipped) | a CIFAR python-format folder | a city
+    dataset: str = option("digits", text(nonempty=True))
+    # C: share of every prunable group's channels removed (a per-layer channel ratio in [0, 1)); "budget" (the
+    # strategy only) = the smallest ratio whose model meets budgets.trainable_m and budgets.flops_g
+    ratio: float | str = option(0.5, _Ratio())
+    rounds: int = option(1, integer(min=1))  # k: 1 = one-shot LBYL; more = PA-DFCR's iterations
+    method: str = option("lbyl", choice("lbyl", "prune-only"))  # prune-only: drop channels, restore nothing
+    lbyl_variant: str = option("derivation", choice("derivation", "reference"))  # reference: upstream's code
+    # LBYL's lambdas (see compression/lbyl.py): l1 weighs the BN-offset term, l2 the ridge; chosen on the digits
+    # validation split (bench/bench_compression.py --select), never on test
+    lambda1: float = option(1e-3, NON_NEGATIVE)
+    lambda2: float = option(1e-2, NON_NEGATIVE)
+    k1: float = option(0.2, NON_NEGATIVE)  # PA-DFCR: l1_t = l1 exp(k1 cum_t) from round 2
+    k2: float = option(0.1, NON_NEGATIVE)  # PA-DFCR: l2_t = l2 exp(-k2 cum_t) from round 2
+    # the trained model to compress (a file `graphtune compress` wrote: base.pt or model.pt); empty = train one
+    checkpoint: str = option("", text())
+    epochs: int = option(30, integer(min=1))  # training of the base network when no checkpoint is given
+    lr: float = option(1e-3, POSITIVE)
+    batch_size: int = option(64, integer(min=1))
+    output_dir: str = option("outputs/compress", text(nonempty=True))  # per-round CSV, model.pt, results.json
+
+    def settings(self, ratio: float | None = None):
+        """The CompressSettings of this section (ratio overridden, e.g. the one a budget asks for)."""
+        from graphtune.compression.prune import CompressSettings
+
+        return CompressSettings(ratio=self.ratio if ratio is None else ratio, rounds=self.rounds, method=self.method,
+                                variant=self.lbyl_variant, lambda1=self.lambda1, lambda2=self.lambda2, k1=self.k1,
+                                k2=self.k2)
+
+
+@dataclass
 class BudgetConfig:
     """`budgets:` resource budgets per stage; usage above a budget is penalised in S_uep (null = no budget)."""
 
@@ -271,7 +318,7 @@ def stage_value(values, stage: int, n_stages: int, option: str):
 SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig, "experiment": ExperimentConfig, "train": TrainConfig, "transfer": TransferConfig,
     "budgets": BudgetConfig, "score": ScoreConfig, "tracking": TrackingConfig, "compare": CompareConfig,
-    "gpd": GpdConfig,
+    "gpd": GpdConfig, "compress": CompressConfig,
 }
 FREE_SECTIONS = ("cities",)  # mappings passed through as they are (validated by their consumer)
 
@@ -298,6 +345,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     gpd: GpdConfig = field(default_factory=GpdConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     cities: dict = field(default_factory=dict)
 
     def validate(self) -> "Params":

@@ -5,6 +5,7 @@
     gpd.py         gpd collect, gpd diffuse
     compare.py     compare
     models.py      models
+    suite.py       suite run, suite summary
 
 Every command reads its own params.yaml section; options given on the command line win. User errors (bad
 files, options, names) print one line on stderr and exit with status 2. Commands import the library inside
@@ -100,4 +101,4 @@ def main():
         sys.exit(err.exit_code)
 
 
-from graphtune.cli import compare, data, experiment, gpd, models  # noqa: E402,F401  (each module adds its commands)
+from graphtune.cli import compare, compress, data, experiment, gpd, models, suite  # noqa: E402,F401  (each adds its commands)

@@ -16,7 +16,8 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 
-RUN_KINDS = ("experiment", "stage", "budget", "phase")  # phase: a step that builds sources (gpd collect, diffuse)
+# phase: a step that builds sources (gpd collect, diffuse); compress: a `graphtune compress` run (not on the board)
+RUN_KINDS = ("experiment", "stage", "budget", "phase", "compress")
 TAG_KIND = "graphtune.kind"
 TAG_MODEL = "graphtune.model"
 TAG_STRATEGY = "graphtune.strategy"

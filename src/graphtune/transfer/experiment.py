@@ -119,6 +119,8 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     source, source_id = _load_source(source_ref, tracking_uri) if source_ref else (None, "")
     strategy = get_strategy(exp.strategy)
     builds = strategy.builds_sources and source is None
+    if not strategy.builds_sources:
+        strategy.check(params, datasets)
     n_targets = len(datasets) - (0 if source or builds else 1)
     if n_targets == 0 and explicit_transfer:
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
@@ -355,7 +357,18 @@ def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
         "cities": {c: params.cities[c] for c in plan.datasets if c in params.cities},
         "data": data_hashes(bundles, length=None),
         "device": torch.device(plan.device).type,
-    } | ({"gpd": dataclasses.asdict(params.gpd)} if plan.builds_sources else {})
+    } | _strategy_settings(plan)
+
+
+STRATEGY_SECTIONS = ("gpd", "compress")  # params sections that only the strategy of their name reads
+
+
+def _strategy_settings(plan: Plan) -> dict:
+    """{section: settings} of the strategy's own params section, when the run uses them (gpd, compress)."""
+    strategy = get_strategy(plan.params.experiment.strategy)
+    if not strategy.settings_section or (strategy.builds_sources and not plan.builds_sources):
+        return {}
+    return {strategy.settings_section: strategy.settings(plan.params)}
 
 
 def config_hash(config: dict) -> str:
@@ -429,9 +442,13 @@ def logged_params(plan: Plan, tracking_uri: str | None) -> dict:
     store as they are used, never an empty string (the compare section is not part of a run)."""
     logged = plan.params.as_dict()
     logged.pop("compare", None)
-    if not plan.builds_sources:
-        logged.pop("gpd", None)  # settings of a strategy this run does not use
-    elif not logged["gpd"]["generator"]:
+    used = _strategy_settings(plan)
+    for section in STRATEGY_SECTIONS:
+        if section not in used:
+            logged.pop(section, None)  # settings of a strategy this run does not use
+        else:
+            logged[section] = used[section]
+    if "gpd" in used and not logged["gpd"]["generator"]:
         logged["gpd"]["generator"] = "trained in this run"
     logged["experiment"]["name"] = plan.name
     logged["experiment"]["device"] = plan.device

@@ -378,8 +378,8 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                        "saved_budget": scheduler.saved_budget([p[0] for p in curve]), "steps": scheduler.steps},
             history=history, stopped_reason=stopped_reason,
         )
-        new_source = SourceModel(model, model_kwargs, _cpu_state(net), bundle.name, list(bundle.sensor_ids),
-                                 final_view.scaler.to_dict())
+        new_source = SourceModel(model, adapted.model_kwargs or model_kwargs, _cpu_state(net), bundle.name,
+                                 list(bundle.sensor_ids), final_view.scaler.to_dict())
         observer.stage_done(stage, new_source, net, _example(final_view))
     return stage, new_source
 

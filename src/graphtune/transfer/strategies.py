@@ -102,6 +102,7 @@ class StrategyReport:
     loaded_params: int = 0  # learnable parameter elements loaded from a source
     total_params: int = 0  # learnable parameter elements of the returned model
     trainable_params: int = 0  # of those, the ones fine-tuning may change
+    extra: dict = field(default_factory=dict)  # a strategy's own account (e.g. compress: ratio, widths, time)
 
     @property
     def transferred(self) -> bool:
@@ -120,13 +121,15 @@ class StrategyReport:
         """The stage result's `transfer` entry."""
         return {"share": self.share, "copied": len(self.loaded), "created": len(self.created),
                 "skipped": dict(self.skipped), "same_nodes": same_nodes, "transferred": self.transferred,
-                "trainable_share": self.trainable_share}
+                "trainable_share": self.trainable_share} | dict(self.extra)
 
 
 @dataclass
 class Adapted:
     model: ForecastModel
     report: StrategyReport
+    model_kwargs: dict | None = None  # the options that rebuild `model` when they differ from ctx.model_kwargs
+    #                                   (compress: the pruned widths); the stage's checkpoint records them
 
 
 class Strategy:
@@ -142,6 +145,8 @@ class Strategy:
     uses_prompt_window: ClassVar[bool] = True  # may read transfer.prompt_days of target readings at zero-shot
     builds_sources: ClassVar[bool] = False  # True: every city of experiment.datasets is a target, and the
     #                                         sources come from build_sources instead of stage 0
+    settings_section: ClassVar[str] = ""  # the params.yaml section of the strategy's own settings (gpd, compress):
+    #                                       logged and hashed only by runs that use this strategy
 
     def adapt(self, ctx: StrategyContext) -> Adapted:  # pragma: no cover - the interface
         raise NotImplementedError
@@ -151,7 +156,14 @@ class Strategy:
         raise NotImplementedError  # pragma: no cover
 
     def check(self, params, targets: list[str]) -> None:
-        """Plan-time checks of the strategy's own settings (ConfigError naming the option); no data is read."""
+        """Plan-time checks of the strategy's own settings (ConfigError naming the option); no data is read.
+        Called for every strategy (for one that builds sources, only when it builds them)."""
+
+    def settings(self, params) -> dict:
+        """The strategy's settings that decide a run's numbers (part of the configuration hash)."""
+        import dataclasses
+
+        return dataclasses.asdict(getattr(params, self.settings_section)) if self.settings_section else {}
 
     def source_identity(self, params) -> str:
         """What identifies the built sources beyond params (e.g. a file's sha256), for the configuration hash."""
@@ -168,7 +180,8 @@ class Strategy:
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", option="experiment.strategy",
-                                          providers=("graphtune.transfer.strategies", "graphtune.generative.strategy"))
+                                          providers=("graphtune.transfer.strategies", "graphtune.generative.strategy",
+                                                     "graphtune.compression.strategy"))
 
 
 def register_strategy(name: str):
