@@ -169,8 +169,8 @@ def summarise(results: dict) -> list[str]:
                          f"  {row0['params']:>7} {row0['flops'] / 1e6:>7.3f}")
     if results.get("gwnet"):
         runs = results["gwnet"]
-        lines.append(f"\ngwnet on metr-la-week, C = 0.5 of the skip and end channels: test MAE increase (mph) mean ± sd; "
-                     f"base MAE " + " / ".join(f"{r['base']['test_mae']:.3f}" for r in runs))
+        lines.append("\ngwnet on metr-la-week, C = 0.5 of the skip and end channels: test MAE increase (mph) mean ± sd; "
+                     "base MAE " + " / ".join(f"{r['base']['test_mae']:.3f}" for r in runs))
         for k in (1, 2):
             cells = []
             for m in ("prune-only", "lbyl", "lbyl-val"):
