@@ -181,3 +181,23 @@ def test_strategy_refuses_a_model_without_groups_before_any_run(tmp_path):
                                                 "experiment.model=bigst", "experiment.strategy=compress"])
     with pytest.raises(ConfigError, match="experiment.model 'bigst' declares no prunable group"):
         plan_experiment(params)
+
+
+@pytest.mark.slow
+def test_compression_suite_runs_real_jobs_and_plots_one_line_per_method_and_rounds(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "suites" / "compression.yaml").read_text())
+    doc["options"] |= {"epochs": 2, "params": str(REPO / "params.yaml")}
+    doc["grid"] = {"ratio": [0.5], "rounds": [2], "method": ["prune-only", "lbyl"]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    r = _invoke("suite", "run", str(tmp_path / "s.yaml"), "--output-dir", str(tmp_path / "suite"))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((tmp_path / "suite" / "summary_all.csv").read_text().splitlines()))
+    assert len(rows) == 2 and {row["status"] for row in rows} == {"finished"}
+    assert {(row["method"], row["rounds"]) for row in rows} == {("prune-only", "2"), ("lbyl", "2")}
+    jobs = tmp_path / "suite" / "jobs"
+    base = {json.loads((jobs / row["job"] / "out" / "results.json").read_text())["base"]["accuracy"] for row in rows}
+    assert len(base) == 1  # every job compressed the same seeded base network
+    assert all(float(row["parameters"]) < 50610 for row in rows)
+    assert (tmp_path / "suite" / "summary.png").stat().st_size > 1000
