@@ -111,7 +111,7 @@ def test_checkpoint_whose_widths_do_not_match_its_config_is_refused(lenet_run, t
     r = CliRunner().invoke(cli, ["compress", *PARAMS, "--checkpoint", str(tmp_path / "edited.pt"), "--no-tracking",
                                  "--output-dir", str(tmp_path / "out")])
     assert r.exit_code == 2
-    assert "edited.pt: widths do not match its config: fc1.weight has shape (150, 64) in the file, the config " \
+    assert "edited.pt: shapes do not match its config: fc1.weight has shape (150, 64) in the file, the config " \
            "builds (151, 64)" in r.output
     assert not (tmp_path / "out").exists()
 

@@ -252,5 +252,5 @@ def test_graph_wavenet_prunes_and_rebuilds_strictly(tmp_path):
     torch.testing.assert_close(rebuilt(x), model(x))
     bad = dict(config, end_channels=17)
     save_compressed(tmp_path / "bad.pt", kind="model", name="gwnet", config=bad, state=model.state_dict())
-    with pytest.raises(DataError, match=r"bad\.pt: widths do not match its config: end_conv_1\.weight"):
+    with pytest.raises(DataError, match=r"bad\.pt: shapes do not match its config: end_conv_1\.weight"):
         load_compressed(tmp_path / "bad.pt", build)

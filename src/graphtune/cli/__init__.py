@@ -6,6 +6,8 @@
     compare.py     compare
     models.py      models
     suite.py       suite run, suite summary
+    compress.py    compress
+    series.py      series train, finetune, infer, export
 
 Every command reads its own params.yaml section; options given on the command line win. User errors (bad
 files, options, names) print one line on stderr and exit with status 2. Commands import the library inside
@@ -101,4 +103,6 @@ def main():
         sys.exit(err.exit_code)
 
 
-from graphtune.cli import compare, compress, data, experiment, gpd, models, suite  # noqa: E402,F401  (each adds its commands)
+from graphtune.cli import (  # noqa: E402,F401  (each module adds its commands)
+    compare, compress, data, experiment, gpd, models, series, suite,
+)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from graphtune.cli import cli, load_params, params_option, set_option, user_errors
@@ -21,14 +23,27 @@ from graphtune.cli import cli, load_params, params_option, set_option, user_erro
 @click.option("--tracking-uri", "--tracking_uri", default=None,
               help="MLflow tracking store (default: tracking.tracking_uri, "
               "$MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).")
+@click.option("--board", type=click.Choice(["transfer", "series"]), default="transfer", show_default=True,
+              help="transfer: experiment runs (the benchmark's board); series: CSV series task runs (their own "
+              "board; default experiment `series`).")
 @user_errors
-def compare(params_path, overrides, experiment_names, filter_string, tags, parent_run, output_dir, tracking_uri):
+def compare(params_path, overrides, experiment_names, filter_string, tags, parent_run, output_dir, tracking_uri,
+            board):
     """Leaderboard across models and strategies from the MLflow tracking store (CSV, Markdown, PNG)."""
     from graphtune.compare import format_table, leaderboard, write_leaderboard
     from graphtune.errors import ConfigError
 
     params = load_params(params_path, overrides)
     cfg = params.compare
+    if board == "series":
+        from graphtune.series.board import format_series_table, series_leaderboard, write_series_board
+
+        table = series_leaderboard(tracking_uri or params.tracking.tracking_uri or None,
+                                   [e for e in experiment_names if e] or ["series"])
+        paths = write_series_board(table, output_dir or str(Path(cfg.output_dir) / "series"))
+        click.echo(format_series_table(table))
+        click.echo("written: " + ", ".join(str(p) for p in paths.values()))
+        return
     tag_filter = {}
     for item in tags:
         key, sep, value = item.partition("=")

@@ -56,7 +56,7 @@ def load_state_strict(model: torch.nn.Module, state: dict, what: str) -> None:
                         f"{unexpected[:3]})")
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise DataError(f"{what}: widths do not match its config: {key} has shape {tuple(value.shape)} in the "
+            raise DataError(f"{what}: shapes do not match its config: {key} has shape {tuple(value.shape)} in the "
                             f"file, the config builds {tuple(own[key].shape)}")
     model.load_state_dict(state, strict=True)
 

@@ -17,7 +17,7 @@ MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 
 # phase: a step that builds sources (gpd collect, diffuse); compress: a `graphtune compress` run (not on the board)
-RUN_KINDS = ("experiment", "stage", "budget", "phase", "compress")
+RUN_KINDS = ("experiment", "stage", "budget", "phase", "compress", "series")  # series: a CSV series task run
 TAG_KIND = "graphtune.kind"
 TAG_MODEL = "graphtune.model"
 TAG_STRATEGY = "graphtune.strategy"
