@@ -153,7 +153,8 @@ def summarise(results: dict) -> list[str]:
         lines.append(f"\n{family} on digits: base test accuracy "
                      + " / ".join(f"{r['base']['test_accuracy']:.3f}" for r in runs)
                      + f" (seeds {', '.join(str(r['seed']) for r in runs)}); test accuracy mean ± sd over seeds")
-        lines.append(f"{'C':>4} {'k':>3} " + " ".join(f"{m:>16}" for m in methods) + "  lbyl>prune  params   MFLOPs")
+        lines.append(f"{'C':>4} {'k':>3} " + " ".join(f"{m:>16}" for m in methods)
+                     + "  lbyl>prune  val>prune  params   MFLOPs  lbyl s")
         keys = sorted({(r["C"], r["k"]) for r in runs[0]["rows"]})
         for c, k in keys:
             cells, per = [], {}
@@ -164,9 +165,12 @@ def summarise(results: dict) -> list[str]:
                 mu, sd = _mean_sd(vals)
                 cells.append(f"{mu:>9.3f} ± {sd:.3f}")
             wins = sum(a > b for a, b in zip(per["lbyl"], per["prune-only"]))
+            wins_val = sum(a > b for a, b in zip(per["lbyl-val"], per["prune-only"]))
             row0 = next(r for r in runs[0]["rows"] if (r["C"], r["k"], r["method"]) == (c, k, "lbyl"))
-            lines.append(f"{c:>4} {k:>3} " + " ".join(cells) + f"  {wins}/{len(per['lbyl'])}"
-                         f"  {row0['params']:>7} {row0['flops'] / 1e6:>7.3f}")
+            seconds = statistics.fmean(row["compress_s"] for run in runs for row in run["rows"]
+                                       if (row["C"], row["k"], row["method"]) == (c, k, "lbyl"))
+            lines.append(f"{c:>4} {k:>3} " + " ".join(cells) + f"  {wins:>4}/{len(per['lbyl'])}"
+                         f"  {wins_val:>7}/{len(per['lbyl'])}  {row0['params']:>7} {row0['flops'] / 1e6:>7.3f}  {seconds:>6.3f}")
     if results.get("gwnet"):
         runs = results["gwnet"]
         lines.append("\ngwnet on metr-la-week, C = 0.5 of the skip and end channels: test MAE increase (mph) mean ± sd; "
@@ -191,7 +195,14 @@ def main() -> None:
     parser.add_argument("--skip-gwnet", action="store_true")
     parser.add_argument("--skip-vision", action="store_true")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--tables-only", action="store_true", help="reprint (and store) the tables of --out's JSON")
     args = parser.parse_args()
+    if args.tables_only:
+        results = json.loads(Path(args.out).read_text())
+        results["table"] = summarise(results)
+        print("\n".join(results["table"]))
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     params = load_params(ROOT / "params.yaml")
     defaults = (params.compress.lambda1, params.compress.lambda2)
