@@ -85,6 +85,7 @@ def test_train_is_one_finished_run_with_params_and_epoch_steps(trained):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["graphtune.kind"] == "series"
+    assert run.data.tags["graphtune.series.weights"] == "random"
     assert client.get_experiment(run.info.experiment_id).name == "series"
     assert run.data.params["bin_rule"] == "lt 45" and run.data.params["context_len"] == "8"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [1, 2]

@@ -8,6 +8,7 @@
     suite.py       suite run, suite summary
     compress.py    compress
     series.py      series train, finetune, infer, export
+    runs.py        runs clean
 
 Every command reads its own params.yaml section; options given on the command line win. User errors (bad
 files, options, names) print one line on stderr and exit with status 2. Commands import the library inside
@@ -104,5 +105,5 @@ def main():
 
 
 from graphtune.cli import (  # noqa: E402,F401  (each module adds its commands)
-    compare, compress, data, experiment, gpd, models, series, suite,
+    compare, compress, data, experiment, gpd, models, runs, series, suite,
 )

@@ -535,6 +535,7 @@ def _run_fold(p: _Prepared, fold, where: Path, device: torch.device, tracker, pr
     meta = {"config": dict(model.backbone.config), "task": task, "spec": dataclasses.asdict(p.spec),
             "rule": {"kind": rule.kind, "value": rule.value, "threshold": rule.threshold} if task == "classify"
             else None, "files": [Path(f).name for f in opts.files], "weights_source": model.backbone.weights_source}
+    tracker.set_tags({"graphtune.series.weights": meta["weights_source"], "graphtune.series.compiled": compiled})
     trained = {"history": [], "best_epoch": 0, "best_state": None}
     if opts.mode != "infer":
         began = time.perf_counter()

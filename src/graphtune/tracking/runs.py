@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -33,7 +34,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.environment_variables import MLFLOW_RUN_ID  # noqa: E402
 
-from graphtune.errors import ConfigError  # noqa: E402
+from graphtune.errors import ConfigError, GraphTuneNotice  # noqa: E402
+from graphtune.tracking.liveness import Heartbeat, owner_tags, reap  # noqa: E402
 
 # Characters MLflow accepts in param/metric keys on every OS (colons only outside Windows).
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
@@ -182,6 +184,7 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._run_ids: list[str] = []  # innermost last
+        self._reaped = False  # this host's dead runs are ended once per Tracker, at its first run
 
     # -- store ---------------------------------------------------------------------------------
 
@@ -286,6 +289,7 @@ class Tracker:
             raise RuntimeError(f"Tracker.run({name!r}) inside the open run {self._run_ids[-1]}: pass nested=True")
         # The code version belongs on top-level runs; nested ones inherit it through their parent.
         all_tags = {} if nested else dict(git_info(Path(__file__).resolve().parent))
+        all_tags.update(owner_tags())  # host, pid, pid start: `graphtune runs clean` can tell a dead owner
         all_tags.update(tags or {})
         all_tags = {_key(k): _to_text(v, MAX_TAG_VALUE, json_containers=True) for k, v in all_tags.items()}
 
@@ -293,6 +297,11 @@ class Tracker:
             if first:  # for the whole tree of runs: MLflow's fluent API on our store, SIGTERM unwinds
                 scope.enter_context(_global_tracking_uri(self.tracking_uri))
                 scope.enter_context(_sigterm_unwinds())
+                if not self._reaped:  # runs left RUNNING by a dead process of this host end KILLED first
+                    self._reaped = True
+                    for dead, reason in reap(self.client):
+                        warnings.warn(f"tracking: ended run {dead} KILLED ({reason})", GraphTuneNotice,
+                                      stacklevel=3)
             active = mlflow.start_run(
                 experiment_id=self._tree_experiment(first, nested),  # nested runs would otherwise land in "0"
                 run_name=name,
@@ -304,6 +313,7 @@ class Tracker:
                 log_system_metrics=False if nested else (True if self.system_metrics else None),
             )
             run_id = active.info.run_id
+            beat = Heartbeat(self.client, run_id).__enter__() if first else None  # top-level runs beat
             if first and active.info.experiment_id != self._experiment_id:  # adopted: tag it as ours would be
                 self._experiment_id = active.info.experiment_id
                 self._tag_kind(self.client.get_experiment(self._experiment_id))
@@ -322,6 +332,8 @@ class Tracker:
                 self._record_error(run_id, exc)
                 raise
             finally:
+                if beat is not None:
+                    beat.__exit__(None, None, None)  # no beat after the run has ended
                 self._run_ids.pop()
                 self._end(run_id, RunStatus.to_string(status))
 
