@@ -170,6 +170,10 @@ def run_compress(params: Params, *, echo: Callable[[str], None] = print, trackin
     seed = params.experiment.seed
     out = Path(c.output_dir)
     check_owned(out, legacy_names=FILES)  # before any work: a folder that is not ours is refused now
+    if tracking:
+        from graphtune.tracking.preflight import check_store
+
+        check_store(params.tracking.tracking_uri or None)
     task = make_task(params, device)
 
     base_info: dict = {}

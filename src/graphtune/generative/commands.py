@@ -61,6 +61,10 @@ def run_collect(params: Params, *, echo: Callable[[str], None] = print, tracking
     device = resolve_device(params.experiment.device)
     out = Path(gpd.output_dir) / "params"
     check_owned(out, legacy_names=FILES)
+    if tracking:
+        from graphtune.tracking.preflight import check_store
+
+        check_store(params.tracking.tracking_uri or None)
     bundles = load_bundles(params, list(gpd.sources))
     check_sources(bundles, [], gpd, kwargs)
     tracker = _tracker(params, tracking)
@@ -87,6 +91,10 @@ def run_diffuse(params: Params, *, echo: Callable[[str], None] = print, tracking
     kwargs = node_model_kwargs(gpd)
     device = resolve_device(params.experiment.device)
     source = Path(gpd.output_dir) / "params"
+    if tracking:
+        from graphtune.tracking.preflight import check_store
+
+        check_store(params.tracking.tracking_uri or None)
     ps = ParamSet.load(source, model=NODE_MODEL, model_kwargs=kwargs)  # another node model: one line, no run
     out = Path(gpd.output_dir) / "generator"
     check_owned(out, legacy_names=GENERATOR_FILES)

@@ -437,6 +437,10 @@ def run_series(opts: SeriesOptions, *, echo: Callable[[str], None] = print, trac
     from graphtune.tracking import Tracker
     from graphtune.tracking.tags import graphtune_tags
 
+    if tracking:  # the store first: reachable and writable, before any CSV is read
+        from graphtune.tracking.preflight import check_store
+
+        check_store(tracking_uri)
     p = prepare(opts)
     device = _device(opts.device)
     out = Path(opts.artifacts_dir) / folder_name(opts, p.task, p.channels)

@@ -391,6 +391,10 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     params = plan.params
     out = Path(output_dir or params.experiment.output_dir)
     check_owned(out, legacy_names=OUTPUT_FILES)  # refuse a folder of the user's own before any work
+    if tracking:  # the store is reachable and writable before any data is read (one line otherwise)
+        from graphtune.tracking.preflight import check_store
+
+        check_store(params.tracking.tracking_uri or None)
     bundles = load_bundles(params, plan.datasets)
     strategy = get_strategy(params.experiment.strategy)
     prepared = (strategy.prepare_sources(params, bundles, lambda cities: load_bundles(params, cities))
