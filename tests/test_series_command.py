@@ -97,8 +97,8 @@ def test_train_is_one_finished_run_with_params_and_epoch_steps(trained):
 def test_infer_reproduces_preds_and_trains_nothing(trained, tmp_path):
     tmp, files, out, _ = trained
     r = _invoke("series", "infer", *files, "--ckpt", out, "--bin-rule", "lt 45", "--context-len", 8,
-                "--artifacts-dir", tmp_path, "--no-tracking")
-    assert r.exit_code == 0, r.output
+                "--batch-size", 256, "--artifacts-dir", tmp_path, "--no-tracking")  # batches as in training:
+    assert r.exit_code == 0, r.output                                            # bit-identical floats
     (again,) = list(tmp_path.iterdir())
     assert again.name.startswith("infer_classify_ctx8_ch3")
     assert not (again / "model.pt").exists()

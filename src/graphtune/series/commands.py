@@ -47,6 +47,8 @@ from graphtune.errors import ConfigError, DataError, GraphTuneNotice
 MODES = ("train", "finetune", "infer")
 CKPT_FORMAT = "graphtune-series/1"
 NORM_SAMPLE = 20_000  # training windows read to estimate per-channel statistics (seeded when subsampled)
+REFERENCE_MAX_TRAIN = 200_000  # training windows the scikit-learn reference fits on (a seeded subsample above it,
+#                                recorded as reference_fit): its flattened matrix is the largest allocation of a run
 
 
 @dataclass
@@ -571,9 +573,12 @@ def _fit_reference(p: _Prepared, data):
 
     if not p.opts.reference:
         return None
-    ref = Reference(p.task, seed=p.opts.seed)
-    x_train, y_train = _flat_with_labels(data["train"], getattr(ref, "max_train", 200_000), p.opts.seed)
-    return ref.fit(x_train, y_train)
+    ref = Reference(p.task, seed=p.opts.seed, max_train=REFERENCE_MAX_TRAIN)
+    x_train, y_train = _flat_with_labels(data["train"], REFERENCE_MAX_TRAIN, p.opts.seed)
+    ref.fit(x_train, y_train)
+    ref.fitted_on = {"windows": len(y_train), "available": len(data["train"]),
+                     "subsampled": len(y_train) < len(data["train"])}  # reported beside its metrics
+    return ref
 
 
 def _ref_scores(ref, data, chunk: int = 65_536) -> np.ndarray:
@@ -611,6 +616,7 @@ def _classify_outputs(p, data, rule, scores, y_eval, y_plot, where: Path, result
         ref_tau, _ = best_threshold(data["val"].labels(), _ref_scores(ref, data["val"]))
         result["reference"] = classify_metrics(y_eval, ref_scores, opts.thresh_default) | {
             "best_tau": ref_tau, "f1_at_best_tau": classify_metrics(y_eval, ref_scores, ref_tau)["f1"]}
+        result["reference_fit"] = ref.fitted_on
     (where / "metrics.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=_json) + "\n")
     _preds(where / "preds.csv", p, data[ev], y_eval, scores[ev], (scores[ev] >= tau).astype(int), "y_score",
            f"y_pred@{tau:.6g}")
@@ -626,6 +632,7 @@ def _regress_outputs(p, data, scores, y_eval, y_plot, where: Path, result: dict)
     ref = _fit_reference(p, data)
     if ref is not None:
         result["reference"] = regress_metrics(y_eval, _ref_scores(ref, data[ev]))
+        result["reference_fit"] = ref.fitted_on
     (where / "summary.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=_json) + "\n")
     _preds(where / "preds.csv", p, data[ev], y_eval, scores[ev], None, "y_pred", None)
     pl = p.opts.plot_split or ev
