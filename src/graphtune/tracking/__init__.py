@@ -1,7 +1,7 @@
 """MLflow tracking: the only package in GraphTune that imports mlflow.
 
-    tags.py     the `graphtune.*` tag keys, MLflow's limits, git info: no mlflow import
-    store.py    which store (URIs) and reading it: run_exists, load_checkpoint, search_runs
+    tags.py     the `graphtune.*` tag keys, MLflow's limits, git info, which store a URI names: no mlflow
+    store.py    reading a store: run_exists, load_checkpoint, search_runs
     runs.py     writing runs: the Tracker
 
 Run structure (what `graphtune.compare` and the MLflow UI rely on)::
@@ -32,8 +32,8 @@ _MODULES = {
              "TAG_KIND", "TAG_MODEL", "TAG_STRATEGY", "TAG_DATASETS", "TAG_SEED", "TAG_STAGE", "TAG_CITY",
              "TAG_FRACTION", "TAG_ERROR", "TAG_CONFIG_HASH", "TAG_CONFIG", "TAG_RUN_TYPE", "TAG_SCORE_VERSION",
              "TAG_TARGETS", "TAG_REFERENCE_KEY", "TAG_SOURCE", "EXPERIMENT_KIND_TAG", "EXPERIMENT_KIND",
-             "graphtune_tags", "git_info"),
-    "store": ("resolve_tracking_uri", "run_exists", "load_checkpoint", "search_runs"),
+             "graphtune_tags", "git_info", "resolve_tracking_uri"),
+    "store": ("run_exists", "load_checkpoint", "search_runs"),
     "runs": ("Tracker", "Terminated", "flatten"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}

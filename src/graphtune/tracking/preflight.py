@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from graphtune.errors import ConfigError
+from graphtune.tracking.tags import _sqlite_path, resolve_tracking_uri
 
 HTTP_TIMEOUT_S = 5.0
 HTTP_ATTEMPTS = 2
@@ -34,24 +35,11 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIE
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-def _resolve(uri: str | None) -> str:
-    from graphtune.tracking.tags import DEFAULT_TRACKING_URI
-
-    uri = str(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///"):
-        path, _, query = uri[len("sqlite:///"):].partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            path = str(Path(path).resolve())
-        return f"sqlite:///{path}" + (f"?{query}" if query else "")
-    return uri
-
-
 def check_store(tracking_uri: str | None = None) -> str:
-    uri = _resolve(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].partition("?")[0]
-        if path and path != ":memory:":
-            _check_sqlite(uri, Path(path))
+    uri = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        _check_sqlite(uri, db)
     elif uri.startswith(("http://", "https://")):
         _check_http(uri.rstrip("/"))
     return uri

@@ -14,7 +14,6 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 # MLflow asks GitPython for the source commit of every run; without a git executable GitPython
 # would warn (or raise) on import. "quiet" keeps it silent; a caller's own setting wins.
@@ -26,38 +25,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from graphtune.errors import ConfigError  # noqa: E402
-from graphtune.tracking.tags import DEFAULT_TRACKING_URI  # noqa: E402
-
-
-def resolve_tracking_uri(tracking_uri: str | os.PathLike | None = None) -> str:
-    """The store to use: the argument, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
-
-    A relative sqlite path is made absolute (against the current folder, now), so that the same
-    store is used however the process changes folder later. A bare path ending in .db/.sqlite is
-    taken as a sqlite file. MLflow's plain file store (a folder or a file: URI) is refused.
-    """
-    uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///"):
-        path, _, query = uri[len("sqlite:///") :].partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            path = str(Path(path).resolve())
-        return f"sqlite:///{path}" + (f"?{query}" if query else "")
-    if "://" not in uri and uri != "databricks" and uri.endswith((".db", ".sqlite")):
-        return f"sqlite:///{Path(uri).resolve()}"
-    if ("://" not in uri and uri != "databricks") or uri.startswith("file:"):
-        raise ConfigError(
-            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
-            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
-        )
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a resolved sqlite URI, None for any other store or an in-memory one."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].partition("?")[0]
-    return None if path in ("", ":memory:") else Path(path)
+from graphtune.tracking.tags import _sqlite_path, resolve_tracking_uri  # noqa: E402,F401  (re-exported)
 
 
 def _artifact_location(uri: str, experiment_name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The `graphtune.*` tags and MLflow's limits: plain constants and pure functions, no mlflow import.
+"""The `graphtune.*` tags, MLflow's limits and which store a URI names: plain constants and pure functions,
+no mlflow import (tracking/preflight.py checks a store before mlflow is loaded).
 
 graphtune.compare reads runs by these keys without importing mlflow; graphtune.tracking.runs writes them.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default; the file store is refused
 DEFAULT_EXPERIMENT = "graphtune"  # what compare.leaderboard reads by default
@@ -100,3 +102,36 @@ def git_info(path: str | os.PathLike = ".") -> dict[str, str]:
     status = git("status", "--porcelain")
     dirty = "unknown" if status is None else str(bool(status)).lower()
     return {"git.commit": commit, "git.dirty": dirty}
+
+
+def resolve_tracking_uri(tracking_uri: str | os.PathLike | None = None) -> str:
+    """The store to use: the argument, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+
+    A relative sqlite path is made absolute (against the current folder, now), so that the same
+    store is used however the process changes folder later. A bare path ending in .db/.sqlite is
+    taken as a sqlite file. MLflow's plain file store (a folder or a file: URI) is refused.
+    """
+    uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///"):
+        path, _, query = uri[len("sqlite:///") :].partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            path = str(Path(path).resolve())
+        return f"sqlite:///{path}" + (f"?{query}" if query else "")
+    if "://" not in uri and uri != "databricks" and uri.endswith((".db", ".sqlite")):
+        return f"sqlite:///{Path(uri).resolve()}"
+    if ("://" not in uri and uri != "databricks") or uri.startswith("file:"):
+        from graphtune.errors import ConfigError
+
+        raise ConfigError(
+            f"tracking URI {uri!r}: MLflow's plain file store is not supported; "
+            "expected a database URI such as sqlite:///mlflow.db or an http(s):// server"
+        )
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a resolved sqlite URI, None for any other store or an in-memory one."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].partition("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
