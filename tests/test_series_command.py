@@ -239,3 +239,18 @@ def test_series_board_ranks_runs_on_their_own(trained):
     assert r.exit_code == 0, r.output
     assert "series board: classify (test), ranked by f1_at_best_tau" in r.output
     assert (tmp / "board" / "series_board.csv").exists()
+
+
+def test_infer_reuses_the_quantile_threshold_fitted_in_training(tmp_path):
+    files = _write_channels(tmp_path / "data")
+    r = _invoke("series", "train", *files, "--bin-rule", "quantile 0.3", *FAST, "--artifacts-dir", tmp_path / "a",
+                "--no-tracking")
+    assert r.exit_code == 0, r.output
+    (out,) = list((tmp_path / "a").iterdir())
+    trained = json.loads((out / "metrics.json").read_text())["rule"]
+    r = _invoke("series", "infer", *files, "--ckpt", out, "--bin-rule", "quantile 0.3", "--context-len", 8,
+                "--batch-size", 256, "--artifacts-dir", tmp_path / "b", "--no-tracking")
+    assert r.exit_code == 0, r.output
+    (again,) = list((tmp_path / "b").iterdir())
+    assert json.loads((again / "metrics.json").read_text())["rule"] == trained  # not refitted on this data
+    assert (again / "preds.csv").read_text() == (out / "preds.csv").read_text()

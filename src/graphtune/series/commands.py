@@ -25,7 +25,6 @@ travel inside the checkpoint, so finetune and infer apply the training run's sta
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -263,7 +262,7 @@ def _autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
+def predict(model: nn.Module, data, batch_size: int, device: torch.device, amp: bool, task: str) -> np.ndarray:
     """Scores (classify: probabilities) or predictions (regress, raw units) of every window of `data`, in order."""
     model.eval()
     out = []
@@ -273,7 +272,6 @@ def predict(model: nn.Module, data, batch_size: int, device: torch.device, amp: 
             y = model(x.to(device)).float()
         out.append(y.cpu())
     scores = torch.cat(out) if out else torch.zeros(0)
-    task = getattr(model, "task", None) or getattr(getattr(model, "_orig_mod", None), "task", "regress")
     return (torch.sigmoid(scores) if task == "classify" else scores).numpy().astype(np.float64)
 
 
@@ -340,11 +338,10 @@ class _Prepared:
     task: str
     array: object
     spec: object
-    rule: object
+    rules: list  # the label rule of each fold (fitted on its training split)
     folds: list
     ckpt: dict | None
     ckpt_file: Path | None
-    backbone_config: dict
     channels: int
 
 
@@ -358,7 +355,7 @@ def folder_name(opts: SeriesOptions, task: str, channels: int) -> str:
 
 def prepare(opts: SeriesOptions) -> _Prepared:
     """Read and check everything (files, options, labels, checkpoint) before any run opens or file is written."""
-    from graphtune.series.data import LabelRule, WindowSpec, fit_rule, make_splits, read_channels
+    from graphtune.series.data import LabelRule, WindowSpec, make_splits, read_channels
     from graphtune.series.models import BACKBONES
 
     opts.check()
@@ -383,15 +380,24 @@ def prepare(opts: SeriesOptions) -> _Prepared:
         if want != (channels, opts.context_len):
             raise ConfigError(f"--ckpt {ckpt_file}: built for {want[0]} input channels x {want[1]} steps, but these "
                               f"files give {channels} x {opts.context_len}")
-    for fold in folds:
-        if ckpt is not None and ckpt.get("rule") and rule.kind == "quantile":
-            continue  # a checkpoint's fitted quantile is reused (below), not refitted on this data
-        fit_rule(rule, array, spec, fold.train) if task == "classify" else None  # single-class train: one line
-    config = dict(ckpt["config"]) if ckpt is not None else None
-    prepared = _Prepared(opts, task, array, spec, rule, folds, ckpt, ckpt_file, config, channels)
+    rules = [_fold_rule(rule, task, ckpt, array, spec, fold) for fold in folds]  # single-class train: one line
+    prepared = _Prepared(opts, task, array, spec, rules, folds, ckpt, ckpt_file, channels)
     if ckpt is not None:
         _build(prepared)  # the checkpoint loads strictly (a wrong shape: one line naming both) before any run opens
     return prepared
+
+
+def _fold_rule(rule, task: str, ckpt: dict | None, array, spec, fold):
+    """The label rule of one fold: fitted on its training split, except that a checkpoint's fitted quantile is
+    reused as it was trained (finetune and infer label windows the way the model learned them)."""
+    from graphtune.series.data import fit_rule
+
+    if task != "classify":
+        return rule
+    if ckpt is not None and ckpt.get("rule") and rule.kind == "quantile":
+        return dataclasses.replace(rule, value=ckpt["rule"]["value"], fitted=ckpt["rule"]["threshold"])
+    where = "training split" if fold.name in ("holdout", "group") else f"training split of {fold.name}"
+    return fit_rule(rule, array, spec, fold.train, where=where)
 
 
 def _build(p: _Prepared) -> SeriesModel:
@@ -455,11 +461,11 @@ def run_series(opts: SeriesOptions, *, echo: Callable[[str], None] = print, trac
     with tracker.run(out.name, tags=tags, params=_logged_params(opts, p)):
         with atomic_directory(out) as tmp:
             results = []
-            for i, fold in enumerate(p.folds):
+            for fold, rule in zip(p.folds, p.rules):
                 where = tmp / fold.name if len(p.folds) > 1 else tmp
                 where.mkdir(parents=True, exist_ok=True)
                 prefix = f"{fold.name}/" if len(p.folds) > 1 else ""
-                results.append(_run_fold(p, fold, where, device, tracker, prefix, echo))
+                results.append(_run_fold(p, fold, rule, where, device, tracker, prefix, echo))
             summary = _summarise(results, p.task) if len(results) > 1 else results[0]
             if len(results) > 1:
                 (tmp / ("metrics.json" if p.task == "classify" else "summary.json")).write_text(
@@ -510,17 +516,8 @@ def _split_data(p: _Prepared, fold, rule):
     return {name: WindowData(p.array, p.spec, getattr(fold, name), rule) for name in ("train", "val", "test")}
 
 
-def _run_fold(p: _Prepared, fold, where: Path, device: torch.device, tracker, prefix: str, echo) -> dict:
-    from graphtune.series.data import fit_rule
-
+def _run_fold(p: _Prepared, fold, rule, where: Path, device: torch.device, tracker, prefix: str, echo) -> dict:
     opts, task = p.opts, p.task
-    if task == "classify":
-        if p.ckpt is not None and p.ckpt.get("rule") and p.rule.kind == "quantile":
-            rule = dataclasses.replace(p.rule, **{k: v for k, v in p.ckpt["rule"].items() if k != "kind"})
-        else:
-            rule = fit_rule(p.rule, p.array, p.spec, fold.train)
-    else:
-        rule = p.rule
     data = _split_data(p, fold, rule)
     model = _build(p)
     if p.ckpt is None:  # a new model learns the standardisation of its training split
@@ -556,7 +553,7 @@ def _run_fold(p: _Prepared, fold, where: Path, device: torch.device, tracker, pr
     result = {"fold": fold.name, "bounds": fold.bounds, "best_epoch": trained["best_epoch"], "compiled": compiled,
               "weights_source": meta["weights_source"], "pos_weight": pw, "rule": meta["rule"],
               "epochs": trained["history"]}
-    scores = {s: predict(runner, data[s], opts.batch_size, device, opts.amp) for s in
+    scores = {s: predict(runner, data[s], opts.batch_size, device, opts.amp, task) for s in
               {opts.eval_split, opts.plot_split or opts.eval_split, "val"}}
     ev, pl = opts.eval_split, opts.plot_split or opts.eval_split
     y_eval, y_plot = data[ev].labels(), data[pl].labels()
@@ -653,7 +650,3 @@ def _preds(path: Path, p, data, y_true, y_score, y_pred, score_name: str, pred_n
 
 def _num(v) -> str:
     return repr(float(v))
-
-
-def copy_options(opts: SeriesOptions, **changes) -> SeriesOptions:
-    return dataclasses.replace(copy.deepcopy(opts), **changes)
