@@ -87,8 +87,8 @@ def main():
     """Entry point: usage errors (bad option values, unknown commands) also print one line and exit 2."""
     import os
 
-    # OpenMP threads sleep instead of spinning between parallel regions: on a shared or busy machine a
-    # spinning pool slowed a small model's epoch about 9x (bench/results/series.json). Set it yourself to override.
+    # OpenMP threads sleep instead of spinning between parallel regions, as the benchmarks run: on a shared
+    # machine a spinning pool takes the cores other processes need. Set it yourself to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli.main(prog_name="graphtune", standalone_mode=False)

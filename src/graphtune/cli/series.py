@@ -71,6 +71,10 @@ def _series_options(fn):
     return fn
 
 
+_ckpt_option = click.option("--ckpt", default=None, help="a series artifact folder (model.pt.best, else model.pt) "
+                            "or a model file (required; checked with the other inputs).")
+
+
 def _run(mode: str, ckpt, kwargs: dict) -> None:
     from graphtune.errors import ConfigError
     from graphtune.series.commands import SeriesOptions, run_series
@@ -108,8 +112,7 @@ def train(**kwargs):
 
 
 @series.command()
-@click.option("--ckpt", required=False, default=None, help="a series artifact folder (model.pt.best, else model.pt) "
-              "or a model file.")
+@_ckpt_option
 @_series_options
 @user_errors
 def finetune(ckpt, **kwargs):
@@ -118,8 +121,7 @@ def finetune(ckpt, **kwargs):
 
 
 @series.command()
-@click.option("--ckpt", required=False, default=None, help="a series artifact folder (model.pt.best, else model.pt) "
-              "or a model file.")
+@_ckpt_option
 @_series_options
 @user_errors
 def infer(ckpt, **kwargs):

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from graphtune.compression.checkpoint import load_compressed, save_compressed
-from graphtune.compression.prune import CompressSettings, compress, groups_of
+from graphtune.compression.prune import CompressSettings, compress, group_width, groups_of
 from graphtune.compression.schedule import format_ratio
 from graphtune.config import Params
 from graphtune.errors import ConfigError
@@ -219,7 +219,7 @@ def run_compress(params: Params, *, echo: Callable[[str], None] = print, trackin
             echo(f"  trained the base model: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in base_info.items() if k != 'history'})}")
         base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         base_config = copy.deepcopy(config)
-        base_widths = {g.name: int(_width(model, g)) for g in groups}
+        base_widths = {g.name: group_width(model, g) for g in groups}
         measure(0, 0.0, 0.0, settings.lambda1, settings.lambda2, 0.0, base_widths)
         model.eval()
         began = time.perf_counter()
@@ -244,12 +244,6 @@ def run_compress(params: Params, *, echo: Callable[[str], None] = print, trackin
     echo(f"compressed: {rows[0]['num_parameters']} -> {final['num_parameters']} parameters in {total:.2f} s; "
          + ", ".join(f"{k} {rows[0][k]:.4g} -> {final[k]:.4g}" for k in task.metrics) + f"; results in {out}")
     return out
-
-
-def _width(model, group) -> int:
-    from graphtune.compression.prune import group_width
-
-    return group_width(model, group)
 
 
 def _csv(rows: list[dict]) -> str:

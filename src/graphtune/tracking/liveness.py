@@ -50,9 +50,15 @@ def process_start(pid: int) -> float | None:
         return None
 
 
+_OWNER: dict[int, dict[str, str]] = {}  # per process id: a forked child computes its own
+
+
 def owner_tags() -> dict[str, str]:
+    """This process's owner tags (computed once per process: every run, nested ones too, carries them)."""
     pid = os.getpid()
-    return {TAG_HOST: host(), TAG_PID: str(pid), TAG_PID_START: f"{process_start(pid) or 0:.3f}"}
+    if pid not in _OWNER:
+        _OWNER[pid] = {TAG_HOST: host(), TAG_PID: str(pid), TAG_PID_START: f"{process_start(pid) or 0:.3f}"}
+    return dict(_OWNER[pid])
 
 
 def owner_alive(tags: dict) -> bool | None:
