@@ -48,6 +48,12 @@ from graphtune.tracking import Tracker, graphtune_tags
 FILES = ("model.pt", "base.pt", "results.json")
 
 
+def _expect(task, kind: str, name: str) -> None:
+    """A checkpoint must hold the model the command was asked to compress."""
+    if (kind, name) != (task.kind, task.name):
+        raise ConfigError(f"compress.checkpoint: holds a {kind} {name!r}, but compress.model is {task.name!r}")
+
+
 class ImageTask:
     """A network family on an image split: accuracy (higher is better)."""
 
@@ -69,12 +75,8 @@ class ImageTask:
     def build(self, kind: str, name: str, config: dict):
         from graphtune.compression.vision import build_network
 
-        self._expect(kind, name)
+        _expect(self, kind, name)
         return build_network(copy.deepcopy(config))
-
-    def _expect(self, kind, name):
-        if (kind, name) != (self.kind, self.name):
-            raise ConfigError(f"compress.checkpoint: holds a {kind} {name!r}, but compress.model is {self.name!r}")
 
     def train(self, model) -> dict:
         from graphtune.compression.vision import train_classifier
@@ -118,8 +120,7 @@ class ForecastTask:
     def build(self, kind: str, name: str, config: dict):
         from graphtune.models import build_model
 
-        if (kind, name) != (self.kind, self.name):
-            raise ConfigError(f"compress.checkpoint: holds a {kind} {name!r}, but compress.model is {self.name!r}")
+        _expect(self, kind, name)
         return build_model(name, self.bundle, **config)
 
     def train(self, model) -> dict:

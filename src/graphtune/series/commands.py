@@ -167,18 +167,6 @@ class SeriesModel(nn.Module):
         return (y - self.y_mean) / self.y_std
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _statistics(data, task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Per-channel mean/std of training inputs and the target's (regress), from up to NORM_SAMPLE windows."""
     n = len(data)
@@ -445,12 +433,14 @@ def run_series(opts: SeriesOptions, *, echo: Callable[[str], None] = print, trac
     from graphtune.tracking import Tracker
     from graphtune.tracking.tags import graphtune_tags
 
+    from graphtune.transfer.stages import resolve_device
+
+    device = torch.device(resolve_device(opts.device, "--device"))
     if tracking:  # the store first: reachable and writable, before any CSV is read
         from graphtune.tracking.preflight import check_store
 
         check_store(tracking_uri)
     p = prepare(opts)
-    device = _device(opts.device)
     out = Path(opts.artifacts_dir) / folder_name(opts, p.task, p.channels)
     check_owned(out)  # a folder GraphTune did not write is refused now, before any work
     tracker = Tracker(tracking_uri, opts.experiment_name, enabled=tracking)

@@ -524,15 +524,16 @@ def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; anything else must be a valid torch device."""
+def resolve_device(device: str, option: str = "experiment.device") -> str:
+    """"auto" -> "cuda" when available, else "cpu"; anything else must be a valid torch device (errors name
+    `option`, the setting it came from)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"experiment.device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+        raise ConfigError(f"{option}: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"experiment.device: {device!r} requested but CUDA is not available")
+        raise ConfigError(f"{option}: {device!r} requested but CUDA is not available")
     return device
 
