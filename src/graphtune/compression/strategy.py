@@ -45,6 +45,7 @@ class Compress(Strategy):
 
         self._compress = CompressConfig()
         self._budget = ((None, None), 64)
+        self._ratios: dict = {}  # budget searches already done (see adapt)
 
     def settings(self, params) -> dict:
         c = params.compress
@@ -71,8 +72,11 @@ class Compress(Strategy):
         model, transfer = _load_source(ctx)
         config = model_defaults(ctx.model) | dict(ctx.model_kwargs)
         ratio = c.ratio
-        if ratio == "budget":
-            ratio = self.ratio_for_budget(ctx, config)
+        if ratio == "budget":  # widths alone decide it: searched once per target graph, not per budget point
+            key = (ctx.model, repr(sorted(config.items())), ctx.target.name, ctx.target.num_nodes, self._budget)
+            if key not in self._ratios:
+                self._ratios[key] = self.ratio_for_budget(ctx, config)
+            ratio = self._ratios[key]
         began = time.perf_counter()
         rounds = compress(model, config, c.settings(ratio))
         seconds = time.perf_counter() - began
