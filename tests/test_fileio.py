@@ -228,7 +228,7 @@ def test_unexpected_exchange_error_leaves_old_folder_intact(tmp_path, monkeypatc
         return -1
 
     monkeypatch.setattr(fileio, "_renameat2", lambda: eacces)
-    with pytest.raises(PermissionError):
+    with pytest.raises(OutputError, match="permission denied"):  # one line, not a traceback
         _write(out, {"a.txt": "new"})
     assert _tree(out) == before and sorted(os.listdir(tmp_path)) == ["x"]
 
@@ -286,3 +286,126 @@ def test_reader_never_sees_the_folder_missing_or_half_written(tmp_path, swap_mod
     assert looks[0] > 20  # the reader really looked while the folder was being replaced
     assert _tree(out) == {MANIFEST: (out / MANIFEST).read_text(), **generation(200)}
     assert sorted(os.listdir(tmp_path)) == ["x"]
+
+
+# ----------------------------------------------------------------------------- several writers, full and read-only disks
+def _writer(out: str, tag: str, rounds: int, barrier, queue) -> None:
+    """One process writing `out` `rounds` times; reports each failure or notice, then ("done", count)."""
+    import warnings
+
+    barrier.wait()  # all four start together: the most contention
+    problems = 0
+    for k in range(rounds):
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                with atomic_directory(out) as tmp:
+                    for name in ("a.txt", "b.txt", "sub/c.txt"):
+                        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp / name).write_text(f"{tag}-{k}")
+            for w in seen:  # e.g. "entries appeared while it replaced the folder": two writers crossed
+                problems += 1
+                queue.put(str(w.message))
+        except Exception as err:  # noqa: BLE001  (counted: the test asserts there are none)
+            problems += 1
+            queue.put(repr(err))
+    queue.put(("done", problems))
+
+
+def test_four_processes_writing_one_folder_never_fail_and_leave_one_writers_files(tmp_path):
+    """Processes, not threads: each replaces a complete folder, none fails or crosses another, the last one
+    wins, and no temporary folder is left (without the lock, writers crossed and left the old contents)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue, barrier = ctx.Queue(), ctx.Barrier(4)
+    out = tmp_path / "shared"
+    procs = [ctx.Process(target=_writer, args=(str(out), f"w{i}", 500, barrier, queue)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results, errors = [], []
+    while len(results) < len(procs):
+        item = queue.get(timeout=300)
+        (results if isinstance(item, tuple) else errors).append(item)
+    for p in procs:
+        p.join(timeout=30)
+    assert errors == [] and sum(f for _, f in results) == 0
+    contents = {(out / n).read_text() for n in ("a.txt", "b.txt", "sub/c.txt")}
+    assert len(contents) == 1  # one writer's files, never a mix
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["a.txt", "b.txt", "sub/c.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["shared"]  # no temporary folder left behind
+
+
+def test_a_writer_is_told_when_another_replaced_the_folder_since_it_started(tmp_path):
+    from graphtune.errors import GraphTuneNotice
+    from graphtune.fileio import check_owned
+
+    out = tmp_path / "x"
+    _write(out, {"a.txt": "first"})
+    since = check_owned(out)
+    _write(out, {"a.txt": "another run"})
+    with pytest.warns(GraphTuneNotice, match="another run replaced this folder"):
+        with atomic_directory(out, since=since) as tmp:
+            (tmp / "a.txt").write_text("mine")
+    assert (out / "a.txt").read_text() == "mine"
+
+
+def _unshare_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` to mount a small tmpfs")
+
+_IN_SMALL_DISK = """
+import sys
+from pathlib import Path
+from graphtune.errors import OutputError
+from graphtune.fileio import atomic_directory, check_owned
+out = Path(sys.argv[1]) / "out"
+try:
+    check_owned(out)
+    with atomic_directory(out) as tmp:
+        (tmp / "small.txt").write_text("x")
+        (tmp / "big.bin").write_bytes(b"0" * (1 << 20))  # 1 MiB into a 256 KiB file system
+except OutputError as err:
+    print("ERROR", err)
+import os
+print("LEFT", sorted(os.listdir(sys.argv[1])))
+"""
+
+
+@needs_mounts
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f'mount -t tmpfs -o size=256k tmpfs "{disk}" && "{sys.executable}" -c \'{_IN_SMALL_DISK}\' "{disk}"'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ERROR") and "no space left on the device" in lines[0] and "Traceback" not in done.stderr
+    assert lines[1] == "LEFT []"  # neither the output folder nor its temporary sibling
+
+
+@needs_mounts
+def test_a_read_only_place_is_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    code = ("import sys; from graphtune.fileio import check_owned; from graphtune.errors import OutputError\n"
+            "try:\n    check_owned(sys.argv[1] + '/out'); print('ACCEPTED')\n"
+            "except OutputError as err:\n    print('ERROR', err)\n")
+    script = (f'mount -t tmpfs -o size=256k tmpfs "{disk}" && mount -o remount,ro "{disk}" && '
+              f'"{sys.executable}" -c "{code}" "{disk}"')
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ERROR") and "read-only" in done.stdout, done.stdout

@@ -15,6 +15,13 @@ or, for a folder an older GraphTune wrote before manifests existed, every entry 
 it) is refused with a one-line OutputError before the caller does any work, and nothing is written or
 deleted. Only files the old folder's record lists are ever deleted, each looked at again right before;
 never a whole tree. If the block raises, the temporary folder is removed and `out` is left as it was.
+
+Several processes may write the same folder at once: the replacement itself (the last ownership check, the
+swap, the deletion of the old files) runs under an exclusive lock (flock) on the parent folder, so each
+writer replaces a complete folder and the last one wins; `since=check_owned(out)` makes a writer warn when
+another one replaced the folder after it started. A full disk, a read-only file system or a folder without
+write permission is a one-line OutputError (the parent's writability is checked before any work), with
+nothing half-written left behind.
 """
 
 from __future__ import annotations
@@ -46,50 +53,128 @@ _NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.EXDEV, errno.EOPNOTS
                           getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)})
 
 
+# errno values that mean "this place cannot take the files": a one-line OutputError, not a traceback
+_CANNOT_WRITE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def _cannot_write(out: Path, err: OSError) -> OutputError:
+    why = _CANNOT_WRITE.get(err.errno, err.strerror or str(err))
+    return OutputError(f"{out}: cannot write the output folder ({why}); nothing was written there: free space, "
+                       "fix the permissions or choose another folder (--output-dir)")
+
+
 @contextmanager
-def atomic_directory(out: str | os.PathLike, *, legacy_names: Iterable[str] = ()) -> Iterator[Path]:
+def _writing(out: Path, *, near: Path | None = None) -> Iterator[None]:
+    """Turn the OSErrors of a full, read-only or forbidden place into a one-line OutputError.
+
+    near: only a permission error on a path under this folder counts (the caller's block may read other
+    files, whose permission errors are not about the output); a full or read-only disk always does."""
+    try:
+        yield
+    except OSError as err:
+        ours = near is None or err.errno not in (errno.EACCES, errno.EPERM) or (
+            err.filename is not None and Path(os.fsdecode(err.filename)).resolve().is_relative_to(near.resolve()))
+        if err.errno in _CANNOT_WRITE and ours:
+            raise _cannot_write(out, err) from None
+        raise
+
+
+@contextmanager
+def _parent_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on `out`'s parent folder (a directory descriptor: no lock file is left behind)."""
+    import fcntl
+
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _fingerprint(out: Path) -> str:
+    """What `out` is now, to tell later whether another writer replaced it: its inode and manifest bytes."""
+    try:
+        st = os.lstat(out)
+        manifest = (out / MANIFEST).read_bytes() if stat.S_ISDIR(st.st_mode) else b""
+    except OSError:
+        return "absent"
+    return f"{st.st_ino}:{hash(manifest)}"
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, *, legacy_names: Iterable[str] = (),
+                     since: str | None = None) -> Iterator[Path]:
     """Yield an empty folder next to `out`; when the block completes, it replaces `out` atomically.
 
     `legacy_names`: relative POSIX paths of the files older GraphTune versions wrote into such a folder
     without a manifest; a folder holding only those is replaced too. Raises OutputError (one line, nothing
     written, nothing deleted) when `out` is the working directory or a folder above it, the filesystem
-    root or the home folder, not a folder, or holds anything GraphTune did not write. On any error in
-    the block the temporary folder is removed and `out` is left untouched.
+    root or the home folder, not a folder, or holds anything GraphTune did not write, and when the place
+    cannot be written (full, read-only, no permission). On any error in the block the temporary folder is
+    removed and `out` is left untouched.
+
+    since: `check_owned(out)`'s answer when the caller started its work: a notice names a folder that
+    another writer replaced in the meantime (this writer's output then replaces it: the last one wins).
     """
     out = Path(out)
     legacy = frozenset(legacy_names) - {MANIFEST}  # a manifest is never "legacy": it must parse as ours
     _refuse_protected(out)
     _owned_files(out, legacy)  # refuse now, before the caller spends any work on a folder it cannot have
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp(out)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_temp(out)
     swapped = False
     try:
-        yield tmp
-        written = _seal(tmp)
-        _refuse_protected(out)  # the working directory may have changed while the caller worked
-        old = _owned_files(out, legacy)  # and so may the folder: check again right before replacing it
-        if old is None:
-            os.rename(tmp, out)
-            return
-        swapped = _exchange(tmp, out)
-        if not swapped:
-            _move_files_in(tmp, out, written, old)
+        with _writing(out, near=tmp):  # the caller's own writes into the folder: a full disk is one line too
+            yield tmp
+        with _writing(out):
+            written = _seal(tmp)
+        with _writing(out), _parent_lock(out):  # one writer at a time from the last check to the old files' removal
+            _refuse_protected(out)  # the working directory may have changed while the caller worked
+            old = _owned_files(out, legacy)  # and so may the folder: check again right before replacing it
+            if since is not None and _fingerprint(out) != since:
+                warnings.warn(f"{out}: another run replaced this folder after this one started; this run's "
+                              "results replace it (give concurrent runs their own folders)", GraphTuneNotice,
+                              stacklevel=3)
+            if old is None:
+                os.rename(tmp, out)
+                return
+            swapped = _exchange(tmp, out)
+            if not swapped:
+                _move_files_in(tmp, out, written, old)
+            else:
+                _discard_old(tmp, old, out)
     except BaseException:
         if not swapped:  # after a swap `tmp` holds the old contents: never removed wholesale
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if swapped:
-        _discard_old(tmp, old, out)
-    else:
+    if not swapped:
         shutil.rmtree(tmp)  # our own folder, emptied: only the sub-folders the files moved out of are left
 
 
-def check_owned(out: str | os.PathLike, *, legacy_names: Iterable[str] = ()) -> None:
-    """Raise OutputError (one line) unless `atomic_directory(out, legacy_names=...)` may replace `out`:
-    for commands that should refuse a folder before they start long work, not only when they write."""
+def check_owned(out: str | os.PathLike, *, legacy_names: Iterable[str] = ()) -> str:
+    """Raise OutputError (one line) unless `atomic_directory(out, legacy_names=...)` may replace `out` and its
+    parent can be written: for commands that should refuse a folder before they start long work, not only
+    when they write. Returns the folder's fingerprint, for `atomic_directory(..., since=...)`."""
     out = Path(out)
     _refuse_protected(out)
     _owned_files(out, frozenset(legacy_names) - {MANIFEST})
+    _check_writable(out)
+    return _fingerprint(out)
+
+
+def _check_writable(out: Path) -> None:
+    """OutputError when the nearest existing folder at or above `out`'s parent cannot take a new entry."""
+    place = out.parent
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    with _writing(out):
+        probe = place / f".{out.name}.{secrets.token_hex(4)}.probe"
+        os.mkdir(probe)
+        os.rmdir(probe)
 
 
 def manifest_bytes(files: Iterable[str]) -> bytes:
