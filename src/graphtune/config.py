@@ -90,7 +90,9 @@ class ExperimentConfig:
     # seeds init, shuffling and the few-shot subsets: same seed, same metrics on CPU
     seed: int = option(0, integer(min=0))
     device: str = option("auto", text(nonempty=True))  # auto = cuda when available, else cpu
-    output_dir: str = option("outputs/experiment", text(nonempty=True))  # results.json/csv, plots (DVC outputs)
+    # results.json/csv, plots: a folder per run under outputs/runs ({run} = <name>-<run id>; outputs/runs/latest links
+    # the newest), or one fixed folder when there is no {run} (the DVC stage's outputs/experiment)
+    output_dir: str = option("outputs/runs/{run}", text(nonempty=True))
     name: str = option("", text())  # parent run name; empty = "<model>-<strategy>-<source>-to-<targets>-s<seed>"
 
 

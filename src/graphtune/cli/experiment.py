@@ -41,14 +41,21 @@ _experiment_options = _options(
     click.option("--seed", default=None, help="random seed, an integer (default: experiment.seed)."),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: experiment.device)."),
     click.option("--output-dir", "--output_dir", default=None,
-                 help="where results.json, results.csv and the plots go "
-                 "(default: experiment.output_dir)."),
+                 help="where results.json, results.csv and the plots go: this one folder, or a folder per run "
+                 "when the path ends in {run} (default: experiment.output_dir, outputs/runs/{run}; "
+                 "outputs/runs/latest links the newest)."),
     click.option("--experiment-name", "--experiment_name", default=None, help="MLflow experiment (default: "
                  "tracking.experiment_name)."),
     click.option("--system-metrics", "--system_metrics", type=click.Choice(["", "true", "false"]), default=None,
                  help="true: log MLflow's CPU/memory/GPU system metrics on the parent run "
                  "(default: tracking.system_metrics)."),
     click.option("--no-tracking", is_flag=True, help="run without MLflow (outputs are still written)."),
+    click.option("--resume", default=None, metavar="RUN_ID|last",
+                 help="continue an interrupted run (killed, preempted, failed) of the same configuration and seed "
+                 "under its own parent run, from its last finished stage and budget point; 'last' = the newest "
+                 "such run of this configuration."),
+    click.option("--force", is_flag=True, help="with --resume: continue a run recorded at another code commit "
+                 "(the override is recorded on the run)."),
 )
 
 _transfer_options = _options(
@@ -106,13 +113,16 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
     return explicit
 
 
-def _run(params, explicit, overrides, no_tracking, source_ref="", model=""):
+def _run(params, explicit, overrides, no_tracking, source_ref="", model="", resume=None, force=False):
+    from graphtune.errors import ConfigError
     from graphtune.transfer.experiment import execute, plan_experiment
 
+    if force and not resume:
+        raise ConfigError("--force: only means something with --resume")
     explicit = explicit + [o.split("=")[0] for o in overrides if o.startswith("transfer.")]
     plan = plan_experiment(params, explicit_transfer=explicit, source_ref=source_ref,
                            tracking_uri=params.tracking.tracking_uri or None, explicit_model=model or "")
-    result, run_id = execute(plan, echo=click.echo, tracking=not no_tracking)
+    result, run_id = execute(plan, echo=click.echo, tracking=not no_tracking, resume=resume or None, force=force)
     return result, run_id
 
 
@@ -123,11 +133,11 @@ def _run(params, explicit, overrides, no_tracking, source_ref="", model=""):
 @_experiment_options
 @_transfer_options
 @user_errors
-def experiment(datasets, params_path, overrides, no_tracking, **options):
+def experiment(datasets, params_path, overrides, no_tracking, resume, force, **options):
     """The whole transfer experiment: pretrain, then zero-shot + budget curve per target city, S_uep."""
     params = load_params(params_path, overrides)
     explicit = _apply_options(params, datasets=_split_list(datasets), **options)
-    _run(params, explicit, overrides, no_tracking, model=options["model"])
+    _run(params, explicit, overrides, no_tracking, model=options["model"], resume=resume, force=force)
 
 
 @cli.command()
@@ -135,11 +145,11 @@ def experiment(datasets, params_path, overrides, no_tracking, **options):
 @_model_option
 @_experiment_options
 @user_errors
-def pretrain(city, params_path, overrides, no_tracking, **options):
+def pretrain(city, params_path, overrides, no_tracking, resume, force, **options):
     """Stage 0 alone: train a model on one city and log it (checkpoint artifact) for later fine-tuning."""
     params = load_params(params_path, overrides)
     explicit = _apply_options(params, datasets=[city], **options)
-    _, run_id = _run(params, explicit, overrides, no_tracking)
+    _, run_id = _run(params, explicit, overrides, no_tracking, resume=resume, force=force)
     if run_id:
         click.echo(f"pretrained model logged in run {run_id}: graphtune finetune --from {run_id} --datasets CITY")
 
@@ -155,11 +165,11 @@ def pretrain(city, params_path, overrides, no_tracking, **options):
 @_experiment_options
 @_transfer_options
 @user_errors
-def finetune(source_ref, datasets, params_path, overrides, no_tracking, **options):
+def finetune(source_ref, datasets, params_path, overrides, no_tracking, resume, force, **options):
     """Transfer a pretrained model to target cities: zero-shot, then the budget curve, per city."""
     params = load_params(params_path, overrides)
     targets = _split_list(datasets) or []  # stages 1..n: the per-stage lists are read as in the experiment
     _apply_options(params, datasets=targets, **options)
-    _run(params, [], overrides, no_tracking, source_ref=source_ref, model=options["model"])
+    _run(params, [], overrides, no_tracking, source_ref=source_ref, model=options["model"], resume=resume, force=force)
 
 

@@ -268,8 +268,14 @@ class Tracker:
         params: dict | None = None,
         nested: bool = False,
         description: str | None = None,
+        resume: str | None = None,
     ) -> Iterator[str | None]:
         """Open a run (nested under this tracker's current run if `nested`) and yield its id.
+
+        resume: the id of an existing, ended run to continue instead of opening a new one (`experiment
+        --resume`): it is set RUNNING again in its own experiment, takes this process's owner tags (so the
+        reaper judges the live process, not the dead one) and `tags`; its earlier `graphtune.error` is
+        removed. `params` are not logged again (MLflow params are immutable; the run already has them).
 
         The run ends FINISHED when the block completes, FAILED when an exception leaves it,
         KILLED on KeyboardInterrupt or SIGTERM (turned into `Terminated` while this tracker has a
@@ -302,8 +308,13 @@ class Tracker:
                     for dead, reason in reap(self.client):
                         warnings.warn(f"tracking: ended run {dead} KILLED ({reason})", GraphTuneNotice,
                                       stacklevel=3)
+            if resume is not None:
+                with suppress(MlflowException):  # the error of the attempt that ended it no longer holds
+                    self.client.delete_tag(resume, TAG_ERROR)
             active = mlflow.start_run(
-                experiment_id=self._tree_experiment(first, nested),  # nested runs would otherwise land in "0"
+                run_id=resume,
+                # nested runs would otherwise land in "0"; a resumed run stays in its own experiment
+                experiment_id=None if resume else self._tree_experiment(first, nested),
                 run_name=name,
                 nested=nested,
                 tags=all_tags,
@@ -320,7 +331,7 @@ class Tracker:
             self._run_ids.append(run_id)
             status = RunStatus.FINISHED
             try:
-                if params:
+                if params and resume is None:
                     self.log_params(params)
                 yield run_id
             except (KeyboardInterrupt, Terminated) as exc:
@@ -419,11 +430,12 @@ class Tracker:
         entries = [RunTag(_key(k), _to_text(v, MAX_TAG_VALUE, json_containers=True)) for k, v in tags.items()]
         self.client.log_batch(run_id, tags=entries)
 
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """Write `obj` as an artifact: YAML for a .yaml/.yml name, indented JSON otherwise."""
+    def log_dict(self, obj: Any, artifact_file: str, *, run_id: str | None = None) -> None:
+        """Write `obj` as an artifact: YAML for a .yaml/.yml name, indented JSON otherwise (into `run_id`,
+        open or ended, when given; else the current run)."""
         if not self.enabled:
             return
-        run_id = self._current("log_dict")
+        run_id = run_id or self._current("log_dict")
         text = json.dumps(obj, indent=2, default=_json_default)
         if artifact_file.endswith((".yaml", ".yml")):
             import yaml
@@ -431,11 +443,13 @@ class Tracker:
             text = yaml.safe_dump(json.loads(text), sort_keys=False)
         self.client.log_text(run_id, text, artifact_file)
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Copy a file (or a folder's contents) into the current run's artifacts, under `artifact_path`."""
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None, *,
+                     run_id: str | None = None) -> None:
+        """Copy a file (or a folder's contents) into the artifacts of `run_id` (default: the current run),
+        under `artifact_path`."""
         if not self.enabled:
             return
-        run_id = self._current("log_artifact")
+        run_id = run_id or self._current("log_artifact")
         local = Path(path)
         if local.is_dir():
             self.client.log_artifacts(run_id, str(local), artifact_path)
@@ -456,8 +470,9 @@ class Tracker:
             fig.savefig(local, format="png", dpi=120, bbox_inches="tight")  # as plots.DPI: sharp, 15-40 kB
             self.log_artifact(local, folder or None)
 
-    def log_checkpoint(self, state_dict: dict, name: str = "best.pt") -> None:
-        """torch.save `state_dict` and log it as the artifact `name` (read back with load_checkpoint)."""
+    def log_checkpoint(self, state_dict: dict, name: str = "best.pt", *, run_id: str | None = None) -> None:
+        """torch.save `state_dict` and log it as the artifact `name` (read back with load_checkpoint) of `run_id`
+        (default: the current run)."""
         if not self.enabled:
             return
         import torch
@@ -466,7 +481,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / filename
             torch.save(state_dict, local)
-            self.log_artifact(local, folder or None)
+            self.log_artifact(local, folder or None, run_id=run_id)
 
     def log_dataset(self, name: str, uri: str, digest: str, context: str) -> None:
         """Record a dataset the current run used as an MLflow dataset input (the UI's Dataset column): its name,

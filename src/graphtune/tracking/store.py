@@ -195,3 +195,52 @@ def registered_model_run(uri: str, tracking_uri: str | None = None) -> str:
     if not found.run_id:
         raise ConfigError(f"--from: {uri} was not logged by a run, so it has no GraphTune checkpoint")
     return found.run_id
+
+
+# ----------------------------------------------------------------------------- reading a run back (resume)
+def run_record(run_id: str, tracking_uri: str | None = None) -> dict | None:
+    """{"run_id", "status", "name", "experiment_id", "start_time", "tags", "metrics"} of a run; None when the
+    store (a sqlite file that does not exist) or the run is not there."""
+    client = _client_with_run(run_id, tracking_uri)
+    if client is None:
+        return None
+    run = client.get_run(run_id)
+    return {"run_id": run.info.run_id, "status": run.info.status, "name": run.info.run_name,
+            "experiment_id": run.info.experiment_id, "start_time": run.info.start_time,
+            "lifecycle": run.info.lifecycle_stage, "tags": dict(run.data.tags), "metrics": dict(run.data.metrics)}
+
+
+def find_runs(filter_string: str, tracking_uri: str | None = None, experiment_name: str | None = None,
+              experiment_ids: list[str] | None = None) -> list[dict]:
+    """run_record()s of the active runs matching `filter_string` (MLflow's search syntax), newest first, in the
+    named experiment (or the given ids); [] when the store or the experiment does not exist."""
+    uri = resolve_tracking_uri(tracking_uri)
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():
+        return []
+    client = _new_client(uri)
+    if experiment_ids is None:
+        experiment = client.get_experiment_by_name(experiment_name) if experiment_name else None
+        if experiment is None:
+            return []
+        experiment_ids = [experiment.experiment_id]
+    runs = client.search_runs(experiment_ids, filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                              max_results=10_000)
+    return [{"run_id": r.info.run_id, "status": r.info.status, "name": r.info.run_name,
+             "experiment_id": r.info.experiment_id, "start_time": r.info.start_time,
+             "lifecycle": r.info.lifecycle_stage, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)}
+            for r in runs]
+
+
+def download_folder(run_id: str, path: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> str | None:
+    """Download the artifact folder `path` of `run_id` into `dst`; its local path, None when the run has none."""
+    client = _client_with_run(run_id, tracking_uri)
+    if client is None or not client.list_artifacts(run_id, path):
+        return None
+    with _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        return client.download_artifacts(run_id, path, str(dst))
+
+
+def set_status(run_id: str, status: str, tracking_uri: str | None = None) -> None:
+    """End `run_id` with `status` (FINISHED, KILLED, ...), whatever it is now."""
+    _new_client(resolve_tracking_uri(tracking_uri)).set_terminated(run_id, status)

@@ -48,6 +48,7 @@ from graphtune.plots import stage_scores_png, transfer_curve_png
 from graphtune.transfer.score import SCORE_VERSION, budgets_from_config, comparable_score
 from graphtune.transfer.stages import (ExperimentResult, Observer, StageResult, check_transfer, resolve_device,
                                        run_experiment, scored_stages, stage_measures)
+from graphtune.transfer.resume import TAG_FORCED, TAG_RESUMED, find_run, load_journal, point_entry, stage_entry
 from graphtune.transfer.strategies import SourceModel, get_strategy
 from graphtune.tracking import (TAG_CONFIG, TAG_CONFIG_HASH, TAG_REFERENCE_KEY, TAG_RUN_TYPE, TAG_SCORE_VERSION,
                                 TAG_SOURCE, TAG_TARGETS, Tracker, graphtune_tags, load_checkpoint, run_exists)
@@ -192,6 +193,8 @@ class TrackingObserver(Observer):
         self.extra_tags: dict = {}  # tags every run of this experiment carries (config hash, run type)
         self.bundles: dict[str, DatasetBundle] = {}  # city -> its data, logged as each stage run's dataset input
         self.model_uris: dict[int, str] = {}  # stage -> the models:/ URI of its trained model
+        self.parent_id: str | None = None  # the experiment run: the resume journal goes into its artifacts
+        self.reopen: dict[int, str] = {}  # stage -> the run of an interrupted attempt, continued when resuming
 
     def _tags(self, kind: str, stage: int | None = None, city: str | None = None, fraction: float | None = None,
               **extra) -> dict:
@@ -204,7 +207,8 @@ class TrackingObserver(Observer):
     def stage(self, index, kind, city):
         self.echo(f"[stage {index}] {kind} on {city}")
         tags = self._tags("stage", stage=index, city=city, **{"graphtune.stage_kind": kind})
-        with self.tracker.run(f"stage{index}-{kind}-{city}", nested=True, tags=tags) as run_id:
+        with self.tracker.run(f"stage{index}-{kind}-{city}", nested=True, tags=tags,
+                              resume=self.reopen.pop(index, None)) as run_id:
             self.stage_runs[index] = run_id  # the final score parts are logged to it after the last stage
             if city in self.bundles:
                 log_dataset(self.tracker, self.bundles[city], "training", self.plan.params.prepare.processed_dir)
@@ -250,6 +254,29 @@ class TrackingObserver(Observer):
             self.tracker.log_checkpoint(source.checkpoint(), CHECKPOINT)
             if model is not None and example is not None:  # an MLflow model: the UI's Models column, the registry
                 self.model_uris[result.stage] = self.tracker.log_model(model, example)
+        # the resume journal's stage entry comes last: everything it points to is logged by now
+        self.tracker.log_checkpoint({"result": dataclasses.asdict(result), "stage_run": self.stage_runs.get(result.stage),
+                                     "source": None if self.log_checkpoints else source.checkpoint()},
+                                    stage_entry(result.stage), run_id=self.parent_id)
+        self._show(result)
+
+    def point_done(self, index, record):
+        # with the point's budget run: resuming marks it FINISHED if the kill came before the run could end
+        entry = record.payload() | {"run": self.tracker.active_run_id}
+        self.tracker.log_checkpoint(entry, point_entry(index, record.position), run_id=self.parent_id)
+
+    def stage_restored(self, result, source):
+        self.echo(f"[stage {result.stage}] {result.kind} on {result.city}: finished before the interruption, "
+                  "taken as recorded")
+        run_id = self.stage_runs.get(result.stage)
+        if run_id and self.tracker.enabled:  # a stage completed just before the kill ended KILLED: it was not
+            from graphtune.tracking.store import set_status
+
+            set_status(run_id, "FINISHED", self.tracker.tracking_uri)
+        self.last_source = source
+        self._show(result)
+
+    def _show(self, result):
         self.stages.append(result)
         # this stage's score parts as they will stand: a stage's comparable parts need no other stage
         params = self.plan.params
@@ -360,7 +387,7 @@ def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
     } | _strategy_settings(plan)
 
 
-STRATEGY_SECTIONS = ("gpd", "compress")  # params sections that only the strategy of their name reads
+STRATEGY_SECTIONS = ("gpd", "compress", "adapter")  # params sections that only the strategy of their name reads
 
 
 def _strategy_settings(plan: Plan) -> dict:
@@ -385,12 +412,71 @@ def reference_key(config: dict, targets: list[str]) -> str:
     return config_hash(keep)
 
 
+RUN_PLACEHOLDER = "{run}"  # experiment.output_dir's last component: a folder per run
+LATEST = "latest"  # the link to the newest run folder, next to the run folders
+
+
+def output_folder(spec: str | Path) -> tuple[Path, bool]:
+    """(folder, per_run) of an experiment.output_dir: `base/{run}` is a folder per run under base (per_run
+    True, folder = base); anything else is that one folder. ConfigError for a misplaced placeholder."""
+    text = str(spec)
+    path = Path(text)
+    if RUN_PLACEHOLDER not in text:
+        if "{" in text or "}" in text:
+            raise ConfigError(f"experiment.output_dir: {text!r} has braces; the only placeholder is {RUN_PLACEHOLDER}")
+        return path, False
+    if path.name != RUN_PLACEHOLDER or RUN_PLACEHOLDER in str(path.parent):
+        raise ConfigError(f"experiment.output_dir: {RUN_PLACEHOLDER} must be the whole last folder name, as in "
+                          f"outputs/runs/{RUN_PLACEHOLDER}; got {text!r}")
+    return path.parent, True
+
+
+def run_folder_name(plan: Plan, run_id: str | None) -> str:
+    """A run's own folder: the run name and the start of its run id (the same folder when it is resumed), or,
+    untracked, the time and a random suffix."""
+    import re
+    import secrets
+    import time
+
+    name = re.sub(r"[^\w.\-]", "_", plan.name)
+    if run_id:
+        return f"{name}-{run_id[:8]}"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def point_latest(base: Path, folder: str) -> None:
+    """Make base/latest a link to `folder` (atomically: a new link renamed over the old one). A `latest` that is
+    not a link is the user's: left alone, with a notice."""
+    import os
+    import secrets
+    import warnings
+
+    from graphtune.errors import GraphTuneNotice
+
+    link = base / LATEST
+    if link.exists() and not link.is_symlink():
+        warnings.warn(f"{link}: not a link GraphTune made; left as it is (the run's results are in {base / folder})",
+                      GraphTuneNotice, stacklevel=2)
+        return
+    tmp = base / f".{LATEST}.{secrets.token_hex(4)}"
+    os.symlink(folder, tmp)
+    os.replace(tmp, link)
+
+
 def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool = True,
-            output_dir: str | Path | None = None) -> tuple[ExperimentResult, str | None]:
-    """Run the planned experiment under one parent MLflow run; write and log the outputs."""
+            output_dir: str | Path | None = None, resume: str | None = None,
+            force: bool = False) -> tuple[ExperimentResult, str | None]:
+    """Run the planned experiment under one parent MLflow run; write and log the outputs.
+
+    resume: a run id, or "last", of an interrupted run of this configuration to continue (graphtune.transfer.resume);
+    force: resume it even though it was recorded at another code commit (recorded on the run).
+    """
     params = plan.params
-    out = Path(output_dir or params.experiment.output_dir)
-    check_owned(out, legacy_names=OUTPUT_FILES)  # refuse a folder of the user's own before any work
+    folder, per_run = output_folder(output_dir or params.experiment.output_dir)
+    if resume and not tracking:
+        raise ConfigError("--resume: an interrupted run is continued from its tracking store; drop --no-tracking")
+    # refuse a folder of the user's own, or one that cannot be written, before any work
+    since = check_owned(folder / ".run" if per_run else folder, legacy_names=OUTPUT_FILES)
     if tracking:  # the store is reachable and writable before any data is read (one line otherwise)
         from graphtune.tracking.preflight import check_store
 
@@ -411,19 +497,45 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
         TAG_CONFIG: json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)})
     if plan.source_ref:
         tags[TAG_SOURCE] = plan.source_ref
+    journal = None
+    if resume:
+        from graphtune.tracking.tags import git_info
+
+        commit = git_info(Path(__file__).resolve().parent)["git.commit"]
+        run, forced = find_run(resume, config_hash=digest, config=config, seed=plan.experiment.seed, commit=commit,
+                               force=force, tracking_uri=tracker.tracking_uri, experiment_name=tr.experiment_name)
+        journal, stage_runs = load_journal(run["run_id"], tracker.tracking_uri, first_stage=plan.first_stage,
+                                           n_stages=plan.n_stages)
+        resume = run["run_id"]
+        tags[TAG_RESUMED] = str(int(run["tags"].get(TAG_RESUMED, "0")) + 1)
+        if forced:
+            tags[TAG_FORCED] = forced
+        observer.stage_runs = dict(stage_runs)
+        observer.reopen = {k: v for k, v in stage_runs.items() if k not in journal.stages}
+        from graphtune.tracking.store import set_status
+
+        for record in (r for points in journal.points.values() for r in points):
+            if record.run:  # a finished point's budget run that the kill left RUNNING (then KILLED): it did finish
+                set_status(record.run, "FINISHED", tracker.tracking_uri)
     experiment = dataclasses.replace(params.experiment, name=plan.name)
     observer.bundles = {b.name: b for b in bundles}
-    with tracker.run(plan.name, tags=tags, params=logged_params(plan, tracker.tracking_uri)) as parent_id:
-        for i, bundle in enumerate(bundles):
-            log_dataset(tracker, bundle, "target" if plan.sources or i > 0 else "source", params.prepare.processed_dir)
+    with tracker.run(plan.name, tags=tags, params=logged_params(plan, tracker.tracking_uri),
+                     resume=resume) as parent_id:
+        observer.parent_id = parent_id
+        if journal is None:
+            for i, bundle in enumerate(bundles):
+                log_dataset(tracker, bundle, "target" if plan.sources or i > 0 else "source",
+                            params.prepare.processed_dir)
         exp = plan.experiment
         echo(f"experiment {plan.name}: {' -> '.join(plan.datasets)} (model {exp.model}, strategy {exp.strategy}, "
-             f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else ""))
+             f"device {plan.device}, config {digest})" + (f", run {parent_id}" if parent_id else "")
+             + (f", resumed: {len(journal.stages)} stage(s) and {sum(map(len, journal.points.values()))} budget "
+                "point(s) already finished" if journal is not None else ""))
         sources = plan.sources
         if plan.builds_sources:
             sources = strategy.build_sources(prepared, params, device=plan.device, observer=observer, echo=echo)
         result = run_experiment(bundles, experiment, params.train, params.transfer, params.score, params.budgets,
-                                device=plan.device, sources=sources, observer=observer)
+                                device=plan.device, sources=sources, observer=observer, resume=journal)
         result.config_hash = digest
         for stage in result.stages:  # final score parts (they need every stage) into each stage run
             run_id = observer.stage_runs.get(stage.stage)
@@ -433,7 +545,10 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
         tracker.log_metrics(experiment_metrics(result))
         if tr.log_checkpoints and observer.last_source is not None:  # `finetune --from <this run id>`
             tracker.log_checkpoint(observer.last_source.checkpoint(), CHECKPOINT)
-        files = write_outputs(result, params, out, config=config)
+        out = folder / run_folder_name(plan, parent_id) if per_run else folder
+        files = write_outputs(result, params, out, config=config, since=None if per_run else since)
+        if per_run:
+            point_latest(folder, out.name)
         for path in files.values():
             tracker.log_artifact(path)
     echo(f"score = {result.score.score:.4f} (comparable across runs; S_uep within this run = {result.s_uep:.4f}); "
@@ -487,10 +602,12 @@ def experiment_metrics(result: ExperimentResult) -> dict:
     return metrics
 
 
-def write_outputs(result: ExperimentResult, params: Params, out: Path, config: dict | None = None) -> dict[str, Path]:
+def write_outputs(result: ExperimentResult, params: Params, out: Path, config: dict | None = None,
+                  since: str | None = None) -> dict[str, Path]:
     """results.json, results.csv, curves.csv, transfer_curve.png, stage_scores.png, params.yaml, config.json;
-    replaced atomically, and only where the folder holds nothing but GraphTune's own files."""
-    with atomic_directory(out, legacy_names=OUTPUT_FILES) as tmp:
+    replaced atomically, and only where the folder holds nothing but GraphTune's own files (`since`: see
+    fileio.atomic_directory)."""
+    with atomic_directory(out, legacy_names=OUTPUT_FILES, since=since) as tmp:
         (tmp / "results.json").write_text(json.dumps(_clean(result.to_dict()), indent=1, sort_keys=True) + "\n")
         _write_csv(tmp / "results.csv", result.rows())
         curve_rows = [{"stage": s.stage, "city": s.city, "fraction": f, "test_rmse": r}

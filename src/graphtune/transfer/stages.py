@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from graphtune.config import BudgetConfig, ExperimentConfig, ScoreConfig, TrainConfig, TransferConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
-from graphtune.engine import evaluate, fit
+from graphtune.engine import FitResult, evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
@@ -146,6 +146,49 @@ class ExperimentResult:
         return rows
 
 
+@dataclass
+class PointRecord:
+    """A finished budget point, holding what resuming after it needs (`experiment --resume`): the point's entry,
+    its fit's record (everything but the best state), its measured time and memory, and the fine-tuned weights."""
+
+    position: int  # the point's place on the stage's curve (0 = the first fraction)
+    point: dict  # the point's entry as the stage loop built it, val and test metrics included
+    fit: dict  # FitResult's fields except best_state
+    monitor: dict  # elapsed_s, peak_rss_mb, peak_gpu_mb of the point's resource window
+    state: dict  # the weights the point ended with (CPU tensors)
+    run: str | None = None  # the tracking run the point was recorded in, when there is one
+
+    def payload(self) -> dict:
+        """Plain containers and tensors only: loadable with torch.load(weights_only=True)."""
+        return {"position": self.position, "point": self.point, "fit": self.fit, "monitor": self.monitor,
+                "state": self.state}
+
+    @classmethod
+    def from_payload(cls, data: dict) -> "PointRecord":
+        return cls(**{k: data[k] for k in ("position", "point", "fit", "monitor", "state")}, run=data.get("run"))
+
+    def fit_result(self) -> FitResult:
+        return FitResult(best_state={}, **self.fit)
+
+
+@dataclass
+class MonitorRecord:
+    """A resource window measured before an interruption (what `_dynamic` reads of a ResourceMonitor)."""
+
+    elapsed_s: float
+    peak_rss_mb: float | None
+    peak_gpu_mb: float | None
+
+
+@dataclass
+class ResumeState:
+    """What an interrupted run had finished: whole stages (result and trained model) and, in the stage that
+    was running, its finished budget points in curve order. `run_experiment` continues from there."""
+
+    stages: dict = field(default_factory=dict)  # stage index -> (StageResult, SourceModel)
+    points: dict = field(default_factory=dict)  # stage index -> [PointRecord, ...] of the unfinished stage
+
+
 class PhaseLog:
     """What a phase (`Observer.phase`) records into: metrics per step, parameters, a JSON document."""
 
@@ -177,6 +220,12 @@ class Observer:
                    example: torch.Tensor | None = None) -> None:
         """After a stage: its result, the trained model (as a checkpoint and as the module, with an example
         input batch (B, T_in, N, C) of its city)."""
+
+    def point_done(self, index: int, record: PointRecord) -> None:
+        """After a budget point of stage `index` (inside its budget context): what resuming after it needs."""
+
+    def stage_restored(self, result: StageResult, source: SourceModel) -> None:
+        """A stage an interrupted run had finished, taken as it was instead of being run again."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -280,11 +329,14 @@ def pretrain_stage(bundle: DatasetBundle, experiment: ExperimentConfig, train: T
 
 def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], experiment: ExperimentConfig,
                    train: TrainConfig, transfer: TransferConfig, *, index: int, n_stages: int, device="cpu",
-                   time_budget_s: float | None = None, observer: Observer | None = None
-                   ) -> tuple[StageResult, SourceModel]:
+                   time_budget_s: float | None = None, observer: Observer | None = None,
+                   done: list[PointRecord] | tuple = ()) -> tuple[StageResult, SourceModel]:
     """Stage `index` > 0: adapt `sources` to `bundle` with experiment.strategy, evaluate zero-shot, run the curve.
 
-    A strategy that loads nothing (scratch) needs no source and has no zero-shot point.
+    A strategy that loads nothing (scratch) needs no source and has no zero-shot point. `done`: the budget
+    points an interrupted run finished (in curve order); they are taken as recorded, and the curve continues
+    after them. Every point is seeded on its own (the strategy's initialisation, fit's seed, the windows of
+    `budget_points`), so the continued curve equals an uninterrupted one.
     """
     observer = observer or Observer()
     strategy = get_strategy(experiment.strategy)
@@ -321,12 +373,35 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
             zero_data = zero_view.data_used
             scheduler.update(0.0, zero_val["mae"])
         curve = budget_points(all_starts, transfer, bundle.steps_per_day, seed)
-        for fraction, starts, days in curve:
+        for position, (fraction, starts, days) in enumerate(curve):
             spent = sum(f.fit_time_s for f in fits)
             remaining = None if time_budget_s is None else time_budget_s - spent
             if remaining is not None and remaining <= 0:
                 stopped_reason = "time_budget"
                 break
+            if position < len(done):  # finished before an interruption: taken as recorded
+                record = done[position]
+                result, point = record.fit_result(), record.point
+                val = point["val"]
+                fits.append(result)
+                monitors.append(MonitorRecord(**record.monitor))
+                points.append(point)
+                history = result.history
+                if position == len(done) - 1:  # the model the stage ends with, if the curve stops here
+                    view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
+                    ctx = context(view, fraction)
+                    adapted = strategy.adapt(ctx)
+                    net, report = adapted.model, adapted.report
+                    net.load_state_dict(record.state)
+                    if static is None:
+                        static, flops = _efficiency(net, view, batch)
+                if result.stopped_reason == "time_budget":
+                    stopped_reason = "time_budget"
+                    break
+                if scheduler.update(fraction, val["mae"]):
+                    stopped_reason = "budget_scheduler"
+                    break
+                continue
             with observer.budget(index, bundle.name, fraction):
                 # the point's data, as a pretraining stage's, is set up outside its resource window
                 view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
@@ -358,6 +433,11 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                 points.append(point)
                 history = result.history
                 observer.budget_done(index, point)
+                fit_record = {k: v for k, v in vars(result).items() if k != "best_state"}
+                observer.point_done(index, PointRecord(
+                    position=position, point=point, fit=fit_record, state=_cpu_state(net),
+                    monitor={"elapsed_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
+                             "peak_gpu_mb": monitor.peak_gpu_mb}))
             if result.stopped_reason == "time_budget":
                 stopped_reason = "time_budget"
                 break
@@ -475,8 +555,8 @@ def reference_scores(stages: list[StageResult], weights: ScoreConfig) -> dict:
 
 def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, train: TrainConfig,
                    transfer: TransferConfig, score: ScoreConfig = ScoreConfig(), budgets: BudgetConfig = BudgetConfig(),
-                   *, device="cpu", sources: tuple[SourceModel, ...] = (), observer: Observer | None = None
-                   ) -> ExperimentResult:
+                   *, device="cpu", sources: tuple[SourceModel, ...] = (), observer: Observer | None = None,
+                   resume: ResumeState | None = None) -> ExperimentResult:
     """The whole stage loop over `bundles`, with the params.yaml sections passed whole.
 
     Without `sources`, stage 0 pretrains experiment.model on the first city and every later city is a
@@ -484,8 +564,12 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
     city then only names the source. With `sources` (a fine-tuning run), every bundle is a target: stages
     1..n, as stage 0 was the source's pretraining. `budgets.enforce` stops a stage's training at
     `budgets.time_sec`.
+
+    resume: what an interrupted run of the same configuration finished: its finished stages are taken as they
+    were (`observer.stage_restored`), and the stage it was in continues after its last finished budget point.
     """
     observer = observer or Observer()
+    resume = resume or ResumeState()
     strategy = get_strategy(experiment.strategy)
     first = 1 if sources else 0  # the stage index of bundles[0]
     n_stages = len(bundles) + first
@@ -494,7 +578,10 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
     stages: list[StageResult] = []
     sources = tuple(sources)
     for index, bundle in enumerate(bundles, start=first):
-        if index == 0:
+        if index in resume.stages:
+            stage, source = resume.stages[index]
+            observer.stage_restored(stage, source)
+        elif index == 0:
             if not strategy.loads_source and len(bundles) > 1:
                 continue  # scratch: nothing is transferred, so nothing is pretrained
             stage, source = pretrain_stage(bundle, experiment, train, n_stages=n_stages, device=device,
@@ -502,7 +589,7 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
         else:
             stage, source = transfer_stage(bundle, sources, experiment, train, transfer, index=index,
                                            n_stages=n_stages, device=device, time_budget_s=enforce_time_s,
-                                           observer=observer)
+                                           observer=observer, done=resume.points.get(index, ()))
         stages.append(stage)
         sources = sources + (source,)
     budget_dict = budgets_from_config(budgets)
