@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -381,3 +382,28 @@ def test_finetune_from_a_registered_model(tmp_path, monkeypatch):
     assert ft["stages"][0]["transfer"]["transferred"] is True
     r = CliRunner().invoke(cli, ["finetune", "--from", "models:/west-baseline/7", "--datasets", "metr-la-east", *FAST])
     assert r.exit_code == 2 and "no registered model models:/west-baseline/7" in r.output, r.output
+
+
+def test_concurrent_runs_get_their_own_folders_and_latest_links_the_newest(tmp_path):
+    """The default output is a folder per run: two experiments started together never write the same folder."""
+    import subprocess
+    import sys
+
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "graphtune", "experiment", *FAST, "--fractions", "0.3",
+           "--output-dir", str(tmp_path / "runs" / "{run}")]
+    procs = [subprocess.Popen(cmd + ["--seed", str(seed)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert len(folders) == 2 and all((tmp_path / "runs" / f / "results.json").is_file() for f in folders)
+    seeds = sorted(json.loads((tmp_path / "runs" / f / "results.json").read_text())["seed"] for f in folders)
+    assert seeds == [0, 1]
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_symlink() and os.readlink(latest) in folders
+
+
+def test_a_misplaced_run_placeholder_is_one_line(tmp_path):
+    r = CliRunner().invoke(cli, ["experiment", *FAST, "--no-tracking", "--output-dir", str(tmp_path / "{run}" / "x")])
+    assert r.exit_code == 2 and "must be the whole last folder name" in r.output

@@ -192,9 +192,22 @@ class Tracker:
     def client(self) -> MlflowClient:
         if self._client is None:
             db = _sqlite_path(self.tracking_uri)
-            if db is not None:
+            if db is None:
+                self._client = _new_client(self.tracking_uri)
+            else:
                 db.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its folder
-            self._client = _new_client(self.tracking_uri)
+                # A new store's tables are created (migrated) on first use; two processes doing it at once
+                # collide and one fails. One at a time: an flock on the database's folder while the store opens.
+                import fcntl
+
+                fd = os.open(db.parent, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    client = _new_client(self.tracking_uri)
+                    client.get_experiment_by_name(DEFAULT_EXPERIMENT)  # opens the store: tables exist after this
+                    self._client = client
+                finally:
+                    os.close(fd)
         return self._client
 
     @property
