@@ -180,6 +180,11 @@ class GpdConfig:
     profile_bins: int = option(8, integer(min=1))  # time-of-day bins of the temporal prompt's daily profile
     # collection: every source node model trains on its ego-subgraph (all of a city's nodes as one grouped fit)
     collect_epochs: int = option(6, integer(min=1))
+    # one fine-tuning budget shared by several targets (graphtune.transfer.allocation): none = each target runs its
+    # whole curve; uniform = every target at total_budget; diagnostics = shares from zero-shot gap, probe gain and
+    # difficulty. Each target then runs two points: the probe (fractions[0]) and its share.
+    allocation: str = option("none", choice("none", "uniform", "diagnostics"))
+    total_budget: float = option(0.3, number(min=0, max=1, min_open=True))  # share of all targets' windows in total
     collect_lr: float = option(0.005, POSITIVE)
     # collection trains on every k-th training window: a city's node models cost about 1.3 s per batch of 64
     # windows on 2 CPU cores (100 nodes), so k = 3 keeps a region's collection near a minute

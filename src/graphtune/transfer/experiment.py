@@ -145,6 +145,10 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
                 builds_sources=builds)
     params.train.check_stages(range(plan.first_stage, plan.n_stages), plan.n_stages)
     check_transfer(params.transfer)
+    from graphtune.transfer.allocation import check_allocation
+
+    tr = params.transfer
+    check_allocation(tr.allocation, tr.total_budget, tr.fractions, tr.target_days, plan.n_stages - 1)
     if params.budgets.enforce and params.budgets.time_sec is None:
         raise ConfigError("budgets.enforce: enforcing budgets needs budgets.time_sec")
     return plan
@@ -259,6 +263,13 @@ class TrackingObserver(Observer):
                                      "source": None if self.log_checkpoints else source.checkpoint()},
                                     stage_entry(result.stage), run_id=self.parent_id)
         self._show(result)
+
+    def allocation_done(self, allocation):
+        shares = allocation["shares"]
+        self.echo(f"budget allocation ({allocation['rule']}, {allocation['total_budget']:g} of all targets' windows): "
+                  + ", ".join(f"{city} {share:.3f}" for city, share in shares.items()))
+        self.tracker.log_metrics({f"allocation/{city}/share": share for city, share in shares.items()})
+        self.tracker.log_dict(allocation, "allocation.json")
 
     def point_done(self, index, record):
         # with the point's budget run: resuming marks it FINISHED if the kill came before the run could end

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ from graphtune.engine import FitResult, evaluate, fit
 from graphtune.errors import ConfigError, TrainingDiverged
 from graphtune.models import build_model
 from graphtune.profiling import ResourceMonitor, graph_difficulty, profile_model
-from graphtune.transfer.budget import BudgetScheduler, budget_points, steps_cap
+from graphtune.transfer.budget import BudgetScheduler, budget_points, sample_windows, steps_cap
 from graphtune.transfer.score import (ComparableScore, ScoreResult, StageInputs, StageMeasures, budgets_from_config,
                                       comparable_score, score_experiment)
 from graphtune.transfer.strategies import SourceModel, StrategyContext, get_strategy
@@ -114,6 +114,7 @@ class ExperimentResult:
     suep: ScoreResult  # GraphTune-lite's within-run S_uep over every stage
     references: dict = field(default_factory=dict)  # {"ha": {...}, "persistence": {...}} scored by the same rule
     config_hash: str = ""  # set by the experiment runner: the identity of the resolved configuration
+    allocation: dict = field(default_factory=dict)  # transfer.allocation's shares and diagnostics, when one is made
 
     @property
     def run_type(self) -> str:
@@ -128,7 +129,7 @@ class ExperimentResult:
         return {"name": self.name, "model": self.model, "strategy": self.strategy, "datasets": self.datasets,
                 "seed": self.seed, "run_type": self.run_type, "config_hash": self.config_hash,
                 "score": self.score.score, "S_uep": self.s_uep, "references": self.references,
-                "stages": [s.to_dict() for s in self.stages]}
+                "stages": [s.to_dict() for s in self.stages]} | ({"allocation": self.allocation} if self.allocation else {})
 
     def rows(self) -> list[dict]:
         """One flat row per stage for results.csv."""
@@ -226,6 +227,9 @@ class Observer:
 
     def stage_restored(self, result: StageResult, source: SourceModel) -> None:
         """A stage an interrupted run had finished, taken as it was instead of being run again."""
+
+    def allocation_done(self, allocation: dict) -> None:
+        """The targets' shares of one fine-tuning budget (transfer.allocation), before the first is fine-tuned."""
 
 
 # ----------------------------------------------------------------------------- checks
@@ -577,7 +581,18 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
     enforce_time_s = budgets.time_sec if budgets.enforce else None
     stages: list[StageResult] = []
     sources = tuple(sources)
+    shares, allocation = None, {}
     for index, bundle in enumerate(bundles, start=first):
+        stage_transfer = transfer
+        if index > 0 and transfer.allocation != "none":
+            if shares is None:  # before the first target is fine-tuned: every target's share of the budget
+                shares, allocation = allocate_budget([(i, b) for i, b in enumerate(bundles, start=first) if i > 0],
+                                                     sources, experiment, train, transfer, n_stages=n_stages,
+                                                     device=device)
+                observer.allocation_done(allocation)
+            probe, share = float(transfer.fractions[0]), shares[bundle.name]
+            # the allocation decided the budget: the scheduler does not stop the curve after the probe
+            stage_transfer = replace(transfer, fractions=[probe] + ([share] if share > probe else []), patience=2)
         if index in resume.stages:
             stage, source = resume.stages[index]
             observer.stage_restored(stage, source)
@@ -587,7 +602,7 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
             stage, source = pretrain_stage(bundle, experiment, train, n_stages=n_stages, device=device,
                                            time_budget_s=enforce_time_s, observer=observer)
         else:
-            stage, source = transfer_stage(bundle, sources, experiment, train, transfer, index=index,
+            stage, source = transfer_stage(bundle, sources, experiment, train, stage_transfer, index=index,
                                            n_stages=n_stages, device=device, time_budget_s=enforce_time_s,
                                            observer=observer, done=resume.points.get(index, ()))
         stages.append(stage)
@@ -597,7 +612,36 @@ def run_experiment(bundles: list[DatasetBundle], experiment: ExperimentConfig, t
     result = comparable_stages(stages, score, budget_dict)
     return ExperimentResult(name=experiment.name, model=sources[-1].model, strategy=experiment.strategy,
                             datasets=[b.name for b in bundles], seed=experiment.seed, stages=stages, score=result,
-                            suep=suep, references=reference_scores(stages, score))
+                            suep=suep, references=reference_scores(stages, score), allocation=allocation)
+
+
+def allocate_budget(targets: list[tuple[int, DatasetBundle]], sources: tuple, experiment: ExperimentConfig,
+                    train: TrainConfig, transfer: TransferConfig, *, n_stages: int, device="cpu"
+                    ) -> tuple[dict[str, float], dict]:
+    """Each target's share of `transfer.total_budget` by `transfer.allocation` (graphtune.transfer.allocation),
+    and the record of how it was chosen: {"rule", "total_budget", "probe_fraction", "shares", "targets"}."""
+    from graphtune.transfer.allocation import Diagnostics, diagnostics_shares, uniform
+
+    probe = float(transfer.fractions[0])
+    windows = {b.name: int(b.window_starts("train").numel()) for _, b in targets}
+    record = {"rule": transfer.allocation, "total_budget": transfer.total_budget, "probe_fraction": probe}
+    if transfer.allocation == "uniform":
+        shares = uniform(windows, transfer.total_budget)
+        return shares, record | {"shares": shares, "targets": []}
+    diags = []
+    probe_transfer = replace(transfer, fractions=[probe], allocation="none")
+    for index, bundle in targets:  # the probe is the stage's own first point (same seed, same windows), unrecorded
+        stage, _ = transfer_stage(bundle, sources, experiment, train, probe_transfer, index=index, n_stages=n_stages,
+                                  device=device)
+        view = bundle.restrict(sample_windows(bundle.window_starts("train"), probe, transfer.fewshot_mode,
+                                              experiment.seed))
+        ha = evaluate(build_model("ha", view), view, "val", batch_size=train.batch_size, device=device)["mae"]
+        zero = stage.zero_shot_val["mae"] if stage.zero_shot_val is not None else stage.curve[0]["val_mae"]
+        diags.append(Diagnostics(city=bundle.name, windows=windows[bundle.name], zero=zero,
+                                 probe=stage.curve[0]["val_mae"], ha=ha,
+                                 difficulty=stage.difficulty["difficulty_proxy"], probe_fraction=probe))
+    shares, table = diagnostics_shares(diags, transfer.total_budget, probe)
+    return shares, record | {"shares": shares, "targets": table}
 
 
 # ----------------------------------------------------------------------------- helpers
