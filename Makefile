@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: help install run test test-fast bench repro ui clean
+.PHONY: help install run test test-fast bench repro ui server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ repro: install  ## the DVC pipeline (prepare -> experiment -> compare)
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	@echo "runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+server: install  ## a shared tracking server (graphtune server; options: SERVER_ARGS="--host 0.0.0.0 ...")
+	$(BIN)/graphtune server $(SERVER_ARGS)
 
 clean:  ## remove local state (keeps .venv and the DVC cache)
 	rm -rf mlruns mlartifacts outputs .pytest_cache

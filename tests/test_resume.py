@@ -76,7 +76,7 @@ def test_kill_9_then_resume_last_equals_an_uninterrupted_run(tmp_path):
 
     resumed = _graphtune(tmp_path, *ARGS, "--resume", "last", "--output-dir", str(tmp_path / "resumed"))
     assert "resumed: 1 stage(s) and 1 budget point(s) already finished" in resumed.stdout
-    uninterrupted = _graphtune(tmp_path, *ARGS, "--output-dir", str(tmp_path / "whole"))
+    _graphtune(tmp_path, *ARGS, "--output-dir", str(tmp_path / "whole"))
 
     got = json.loads((tmp_path / "resumed" / "results.json").read_text())
     want = json.loads((tmp_path / "whole" / "results.json").read_text())

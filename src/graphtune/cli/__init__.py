@@ -9,6 +9,7 @@
     compress.py    compress
     series.py      series train, finetune, infer, export
     runs.py        runs clean
+    server.py      server (a shared MLflow tracking server)
 
 Every command reads its own params.yaml section; options given on the command line win. User errors (bad
 files, options, names) print one line on stderr and exit with status 2. Commands import the library inside
@@ -110,5 +111,5 @@ def main():
 
 
 from graphtune.cli import (  # noqa: E402,F401  (each module adds its commands)
-    compare, compress, data, experiment, gpd, models, runs, series, suite,
+    compare, compress, data, experiment, gpd, models, runs, series, server, suite,
 )
