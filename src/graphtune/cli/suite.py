@@ -20,12 +20,16 @@ def suite():
 @click.argument("file")
 @click.option("--output-dir", "--output_dir", default=None, help=_OUTPUT_HELP)
 @click.option("--jobs", "-j", "parallel", type=click.IntRange(min=1), default=1, show_default=True,
-              help="jobs run side by side, as local processes.")
+              help="jobs run side by side: local processes, or DVC queue workers with --executor dvc-queue.")
+@click.option("--executor", type=click.Choice(["local", "dvc-queue"]), default="local", show_default=True,
+              help="local: subprocesses of this command; dvc-queue: each job a DVC experiment in the repository's "
+              "queue (`dvc exp run --queue`, `dvc queue start --jobs N`), run in a copy of the git workspace "
+              "(needs a git+DVC repository with a commit; see graphtune/suite_queue.py).")
 @click.option("--resume", is_flag=True, help="continue a suite folder: run only the jobs without a finished record "
               "(the grid must give the same jobs as its plan.json).")
 @click.option("--dry-run", "--dry_run", is_flag=True, help="print the jobs (finished or to run) and write nothing.")
 @user_errors
-def run(file, output_dir, parallel, resume, dry_run):
+def run(file, output_dir, parallel, executor, resume, dry_run):
     """Run the jobs of suite FILE (YAML: name, command, options, grid, summary; see graphtune/suite.py).
 
     Each job is `graphtune COMMAND --option value ...` in its own process with its own output folder,
@@ -38,6 +42,10 @@ def run(file, output_dir, parallel, resume, dry_run):
     spec = load_suite(file, cli)
     out = spec.folder(output_dir)
     if dry_run:
+        if executor == "dvc-queue":
+            from graphtune.suite_queue import check_repo
+
+            check_repo()  # the repository checks, which read only
         todo = preflight(spec, out, resume=resume)
         click.echo(f"suite {spec.name}: {len(spec.jobs)} jobs, {len(spec.jobs) - len(todo)} finished, {len(todo)} "
                    f"to run; folder {out} (dry run: nothing written)")
@@ -45,7 +53,12 @@ def run(file, output_dir, parallel, resume, dry_run):
             click.echo(line)
         return
     try:
-        run_suite(spec, out, resume=resume, jobs=parallel, echo=click.echo)
+        if executor == "dvc-queue":
+            from graphtune.suite_queue import run_suite_queue
+
+            run_suite_queue(spec, out, resume=resume, jobs=parallel, echo=click.echo)
+        else:
+            run_suite(spec, out, resume=resume, jobs=parallel, echo=click.echo)
     except JobsFailed as err:
         click.echo(f"graphtune: error: {err}", err=True)
         sys.exit(1)
