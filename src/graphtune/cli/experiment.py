@@ -56,6 +56,10 @@ _experiment_options = _options(
                  "such run of this configuration."),
     click.option("--force", is_flag=True, help="with --resume: continue a run recorded at another code commit "
                  "(the override is recorded on the run)."),
+    click.option("--nproc", type=click.IntRange(min=1), default=None,
+                 help="train on N processes of this machine (torchrun, DistributedDataParallel: gloo on CPU, NCCL "
+                 "on CUDA); train.batch_size stays the global batch. Several machines: start torchrun yourself "
+                 "(README, 'Running at scale')."),
 )
 
 _transfer_options = _options(
@@ -113,7 +117,21 @@ def _apply_options(params, *, datasets=None, model=None, epochs=None, lrs=None, 
     return explicit
 
 
+def _launch(nproc):
+    """`--nproc N` (N > 1) from a plain shell: run this very command as N torchrun workers and exit with their
+    status; inside a worker (or with N = 1) do nothing."""
+    import os
+    import sys
+
+    if not nproc or nproc == 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    from graphtune import distributed
+
+    sys.exit(distributed.launch(sys.argv[1:], nproc))
+
+
 def _run(params, explicit, overrides, no_tracking, source_ref="", model="", resume=None, force=False):
+    from graphtune import distributed
     from graphtune.errors import ConfigError
     from graphtune.transfer.experiment import execute, plan_experiment
 
@@ -122,7 +140,11 @@ def _run(params, explicit, overrides, no_tracking, source_ref="", model="", resu
     explicit = explicit + [o.split("=")[0] for o in overrides if o.startswith("transfer.")]
     plan = plan_experiment(params, explicit_transfer=explicit, source_ref=source_ref,
                            tracking_uri=params.tracking.tracking_uri or None, explicit_model=model or "")
-    result, run_id = execute(plan, echo=click.echo, tracking=not no_tracking, resume=resume or None, force=force)
+    distributed.init_from_env()  # a torchrun worker joins its group (nothing happens in a plain run)
+    try:
+        result, run_id = execute(plan, echo=click.echo, tracking=not no_tracking, resume=resume or None, force=force)
+    finally:
+        distributed.shutdown()
     return result, run_id
 
 
@@ -133,8 +155,9 @@ def _run(params, explicit, overrides, no_tracking, source_ref="", model="", resu
 @_experiment_options
 @_transfer_options
 @user_errors
-def experiment(datasets, params_path, overrides, no_tracking, resume, force, **options):
+def experiment(datasets, params_path, overrides, no_tracking, resume, force, nproc, **options):
     """The whole transfer experiment: pretrain, then zero-shot + budget curve per target city, S_uep."""
+    _launch(nproc)
     params = load_params(params_path, overrides)
     explicit = _apply_options(params, datasets=_split_list(datasets), **options)
     _run(params, explicit, overrides, no_tracking, model=options["model"], resume=resume, force=force)
@@ -145,8 +168,9 @@ def experiment(datasets, params_path, overrides, no_tracking, resume, force, **o
 @_model_option
 @_experiment_options
 @user_errors
-def pretrain(city, params_path, overrides, no_tracking, resume, force, **options):
+def pretrain(city, params_path, overrides, no_tracking, resume, force, nproc, **options):
     """Stage 0 alone: train a model on one city and log it (checkpoint artifact) for later fine-tuning."""
+    _launch(nproc)
     params = load_params(params_path, overrides)
     explicit = _apply_options(params, datasets=[city], **options)
     _, run_id = _run(params, explicit, overrides, no_tracking, resume=resume, force=force)
@@ -165,8 +189,9 @@ def pretrain(city, params_path, overrides, no_tracking, resume, force, **options
 @_experiment_options
 @_transfer_options
 @user_errors
-def finetune(source_ref, datasets, params_path, overrides, no_tracking, resume, force, **options):
+def finetune(source_ref, datasets, params_path, overrides, no_tracking, resume, force, nproc, **options):
     """Transfer a pretrained model to target cities: zero-shot, then the budget curve, per city."""
+    _launch(nproc)
     params = load_params(params_path, overrides)
     targets = _split_list(datasets) or []  # stages 1..n: the per-stage lists are read as in the experiment
     _apply_options(params, datasets=targets, **options)

@@ -15,6 +15,9 @@ the auxiliary spatial loss (the model contract returns predictions only).
 Data-free compression finds no prunable group here: every mixer's channels add into a residual stream
 that a LayerNorm then normalises across channels (removing one shifts the statistics of all), and the
 regression head is a single Linear over [h0, h], both of which carry that stream.
+
+Activation checkpointing (train.activation_checkpointing) recomputes each attention layer in backward
+(`_layer`, ForecastModel.run_block), keeping only its input (B, N, W); the dropout mask is replayed.
 """
 
 from __future__ import annotations
@@ -97,6 +100,15 @@ class BigST(ForecastModel):
         # Persistent and N-independent: a transferred model keeps the projection its query/key maps learned with.
         self.register_buffer("random_features", orthogonal_random_features(random_feature_dim, hidden, seed))
 
+    def checkpoint_blocks(self) -> list[str]:
+        """Every linearized-attention layer: mixer, dropout, attention over the nodes, residual and LayerNorm."""
+        return [f"layer {i}" for i in range(len(self.mixers))]
+
+    def _layer(self, i: int, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Layer i: h (B, N, W) -> (B, N, W), mixing nodes by the random-feature attention of q, k (B, N, r)."""
+        v = F.dropout(F.relu(self.mixers[i](h)), self.dropout, training=self.training)  # (B, N, W)
+        return self.norms[i](h + linear_attention(v, q, k))
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         b, _, n, _ = x.shape
         window = x[..., :2].permute(0, 2, 3, 1).reshape(b, n, -1)  # (B, N, 2*T_in)
@@ -112,9 +124,8 @@ class BigST(ForecastModel):
 
         h0 = torch.cat([self.input_emb(window), context], dim=-1)  # (B, N, W)
         h = h0
-        for mixer, norm in zip(self.mixers, self.norms):
-            v = F.dropout(F.relu(mixer(h)), self.dropout, training=self.training)  # (B, N, W)
-            h = norm(h + linear_attention(v, q, k))  # (B, N, W)
+        for i in range(len(self.mixers)):
+            h = self.run_block(self._layer, i, h, q, k)  # (B, N, W)
         out = self.regression(F.relu(torch.cat([h0, h], dim=-1)))  # (B, N, T_out)
         return out.transpose(1, 2)  # (B, T_out, N)
 

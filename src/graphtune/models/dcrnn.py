@@ -103,9 +103,15 @@ class DCRNN(Seq2SeqForecaster):
     def _step(self, cells: nn.ModuleList, inputs: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
         """Run one time step through the stacked cells, updating `states` in place; returns the top state."""
         for i, cell in enumerate(cells):
-            states[i] = cell(inputs, states[i], self.node_supports)
+            states[i] = self.run_block(cell, inputs, states[i], self.node_supports)  # checkpointed when enabled
             inputs = states[i]
         return inputs
+
+    def checkpoint_blocks(self) -> list[str]:
+        """Every DCGRU cell at every time step (T_in encoder and T_out decoder steps): each keeps its input and
+        state instead of the diffusion series of both, which dominate the memory of backpropagation through time."""
+        return [f"encoder.{i} step" for i in range(self.num_layers)] + [f"decoder.{i} step"
+                                                                          for i in range(self.num_layers)]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T_in, N, C) with C >= 2 (value, time of day, ...); targets (B, T_out, N) scaled, NaN = missing."""

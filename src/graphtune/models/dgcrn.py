@@ -156,7 +156,13 @@ class DGCRN(Seq2SeqForecaster):
         self.projection = nn.Linear(hidden, 1)
 
     def _cell(self, cell: DGCRNCell, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return cell(x, h, self.node_emb_source, self.node_emb_target, self.node_supports)
+        """One recurrent step; checkpointed when activation checkpointing is on (ForecastModel.run_block)."""
+        return self.run_block(cell, x, h, self.node_emb_source, self.node_emb_target, self.node_supports)
+
+    def checkpoint_blocks(self) -> list[str]:
+        """The encoder and decoder cell at every time step: each keeps its input and state instead of its generated
+        (B, N, N) graph and mix-hop terms, the bulk of backpropagation-through-time memory."""
+        return ["encoder step", "decoder step"]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T_in, N, C) with C >= 2 (value, time of day, ...); targets (B, T_out, N) scaled, NaN = missing."""

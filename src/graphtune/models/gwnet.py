@@ -17,6 +17,10 @@ concatenated powers).
 Layout: channels last, (B, T, N, C) (the reference uses (B, C, N, T)). Every 1x1 convolution is then an
 `nn.Linear` over all (batch, time, node) rows and each kernel-2 dilated convolution a Linear on the
 concatenation of the two taps; on CPU these GEMMs beat mkldnn 1x1 convolutions on (B, C, N, T).
+
+Activation checkpointing (train.activation_checkpointing) recomputes each layer in backward (`_layer`,
+ForecastModel.run_block): per layer only its input (B, T, N, R) is kept instead of the taps, gates,
+diffusion powers and skip output, which are most of a training step's memory.
 """
 
 from __future__ import annotations
@@ -88,6 +92,24 @@ class GraphWaveNet(ForecastModel):
         return [PruneGroup("skip", "skip_channels", skips, ("end_conv_1",)),
                 PruneGroup("end", "end_channels", ("end_conv_1",), ("end_conv_2",))]
 
+    def checkpoint_blocks(self) -> list[str]:
+        """Every layer up to its norm: gated temporal convolution, skip convolution, graph convolution, residual.
+        The BatchNorm after it and the running skip sum stay outside (a recomputed BatchNorm would update its
+        running statistics twice; the sum saves nothing for backward)."""
+        return [f"layer {i}" for i in range(len(self.dilations))]
+
+    def _layer(self, i: int, x: torch.Tensor, *supports: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Layer i up to its norm: (skip output (B, T', N, S), graph convolution plus residual (B, T', N, R)),
+        T' = T - dilation; called without supports (the last layer) it returns the skip output alone, a 1-tuple."""
+        d = self.dilations[i]
+        taps = torch.cat([x[:, :-d], x[:, d:]], dim=-1)  # (B, T-d, N, 2R): x[t-d] and x[t]
+        filt, gate = self.temporal_convs[i](taps).chunk(2, dim=-1)  # (B, T', N, D) each
+        h = torch.tanh(filt) * torch.sigmoid(gate)
+        s = self.skip_convs[i](h)  # (B, T', N, S)
+        if not supports:
+            return (s,)
+        return s, self.graph_convs[i](h, list(supports)) + x[:, -h.shape[1] :]  # residual: the layer's input
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         # Channels: scaled value, time of day in [0, 1), day of week brought to [0, 1).
         x = torch.cat([x[..., :2], x[..., 2:] / 7.0], dim=-1)  # (B, T_in, N, 3)
@@ -99,17 +121,13 @@ class GraphWaveNet(ForecastModel):
 
         x = self.start_conv(x)  # (B, T, N, R)
         skip = 0
-        for i, d in enumerate(self.dilations):
-            residual = x
-            taps = torch.cat([x[:, :-d], x[:, d:]], dim=-1)  # (B, T-d, N, 2R): x[t-d] and x[t]
-            filt, gate = self.temporal_convs[i](taps).chunk(2, dim=-1)  # (B, T', N, D) each
-            h = torch.tanh(filt) * torch.sigmoid(gate)
-            s = self.skip_convs[i](h)  # (B, T', N, S)
-            skip = s if isinstance(skip, int) else s + skip[:, -s.shape[1] :]
-            if i == len(self.dilations) - 1:
-                break
-            x = self.graph_convs[i](h, supports) + residual[:, -h.shape[1] :]  # (B, T', N, R)
-            x = self.norms[i](x.reshape(-1, x.shape[-1])).view_as(x)  # batch norm over channels
+        for i in range(len(self.dilations)):
+            if i < len(self.dilations) - 1:
+                s, x = self.run_block(self._layer, i, x, *supports)  # x before this layer's norm
+                x = self.norms[i](x.reshape(-1, x.shape[-1])).view_as(x)  # batch norm over channels
+            else:  # the last layer only feeds the skip sum
+                (s,) = self.run_block(self._layer, i, x)
+            skip = s if isinstance(skip, int) else s + skip[:, -s.shape[1] :]  # outside the block: never saved
         h = F.relu(skip[:, -1])  # (B, N, S): the receptive field covers the window exactly once
         h = F.relu(self.end_conv_1(h))
         return self.end_conv_2(h).transpose(1, 2)  # (B, T_out, N)

@@ -47,14 +47,22 @@ class Seq2SeqForecaster(ForecastModel):
     def __init__(self, cl_decay_steps: float):
         super().__init__()
         self.cl_decay_steps = cl_decay_steps
-        self.batches_seen = 0  # plain attribute: training forwards so far, drives scheduled sampling
+        self.batches_seen = 0  # plain attribute: training batches so far, drives scheduled sampling
         self._p_teacher = 0.0
+        self._repeat_batch = False  # the next training forward is a later micro-batch of the same optimizer batch
 
     def teacher_forcing_probability(self) -> float:
         return teacher_forcing_probability(self.batches_seen, self.cl_decay_steps)
 
     def after_transfer(self) -> None:
         self.batches_seen = CURRICULUM_DONE
+
+    def micro_batch(self, index: int) -> None:
+        """The curriculum counts optimizer batches, whatever train.grad_accum: the next training forward, when it is
+        a later micro-batch (index > 0), reuses the first one's teacher-forcing probability and is not counted.
+        Each micro-batch still draws its own coins, so only a finished curriculum (probability 0, as after
+        `after_transfer`) makes the micro-batches' forwards exactly those of the whole batch."""
+        self._repeat_batch = index > 0
 
     def start_decoding(self, targets: torch.Tensor | None,
                        layout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
@@ -63,8 +71,10 @@ class Seq2SeqForecaster(ForecastModel):
         In evaluation: None (the decoder always runs on its own predictions)."""
         if not self.training:
             return None
-        self._p_teacher = self.teacher_forcing_probability()
-        self.batches_seen += 1
+        repeat, self._repeat_batch = self._repeat_batch, False  # applies to this one forward
+        if not repeat:
+            self._p_teacher = self.teacher_forcing_probability()
+            self.batches_seen += 1
         return None if targets is None else layout(torch.nan_to_num(targets, nan=0.0))
 
     def decoder_input(self, prediction: torch.Tensor, step: int, teacher: torch.Tensor | None) -> torch.Tensor:

@@ -120,8 +120,6 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
     source, source_id = _load_source(source_ref, tracking_uri) if source_ref else (None, "")
     strategy = get_strategy(exp.strategy)
     builds = strategy.builds_sources and source is None
-    if not strategy.builds_sources:
-        strategy.check(params, datasets)
     n_targets = len(datasets) - (0 if source or builds else 1)
     if n_targets == 0 and explicit_transfer:
         raise ConfigError(f"{', '.join(explicit_transfer)}: transfer-only option(s) need at least two cities in "
@@ -131,6 +129,8 @@ def plan_experiment(params: Params, *, explicit_transfer: list[str] = (), source
             raise ConfigError(f"--model: the source {source_ref} is a {source.model} model, and fine-tuning "
                               f"continues it; drop --model {explicit_model}, or pretrain a {explicit_model} first")
         exp.model, exp.model_kwargs = source.model, dict(source.model_kwargs)
+    if not strategy.builds_sources:  # after the source's model replaced experiment.model: the model it adapts
+        strategy.check(params, datasets)
     if builds:
         strategy.check(params, datasets)
         model, kwargs = strategy.source_model(params)
@@ -238,6 +238,11 @@ class TrackingObserver(Observer):
                                  | _data_block(point["data"], "data/")
                                  | {k: point[k] for k in ("train_time_s", "wall_time_s", "steps", "samples",
                                                           "best_epoch", "peak_rss_mb", "peak_gpu_mb", "train_flops")})
+        plan = point.get("memory_plan")
+        if plan is not None:  # the plan train.memory_budget_mb chose, and what it measured
+            self.tracker.log_metrics({"memory_plan_mb": plan["measured_mb"], "memory_plan_grad_accum": plan["grad_accum"],
+                                      "memory_plan_checkpointing": float(plan["checkpointing"])})
+            self.tracker.set_tags({"graphtune.memory_measure": plan["measure"]})
         data = point["data"]
         self.echo(f"    fraction {point['fraction']:g}: {data['windows']} windows ({data['days']:.2f} days, "
                   f"{data['readings']} readings), {point['epochs']} epochs, val MAE {point['val_mae']:.3f}, "
@@ -386,7 +391,7 @@ def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
         "strategy": exp.strategy,
         "train": [{"epochs": train.epochs_at(k, plan.n_stages), "lr": train.lr_at(k, plan.n_stages),
                    "batch_size": train.batch_size, "weight_decay": train.weight_decay, "clip_grad": train.clip_grad,
-                   "patience": train.patience, "amp": train.amp_enabled} for k in stages],
+                   "patience": train.patience, "amp": train.amp_enabled} | _memory_options(train) for k in stages],
         "curve": dataclasses.asdict(params.transfer),
         "budgets": dataclasses.asdict(params.budgets),
         "score": dataclasses.asdict(params.score),
@@ -395,7 +400,30 @@ def resolved_config(plan: Plan, bundles: list[DatasetBundle]) -> dict:
         "cities": {c: params.cities[c] for c in plan.datasets if c in params.cities},
         "data": data_hashes(bundles, length=None),
         "device": torch.device(plan.device).type,
-    } | _strategy_settings(plan)
+    } | _strategy_settings(plan) | _parallel()
+
+
+def _memory_options(train) -> dict:
+    """The memory-aware training options that are set (graphtune.memory): accumulation changes the numbers by float
+    rounding, a memory budget may choose it; checkpointing recomputes the same values. Left out at their defaults,
+    so runs without them keep the configuration hash they had before these options existed."""
+    out = {}
+    if train.grad_accum != 1:
+        out["grad_accum"] = train.grad_accum
+    if train.activation_checkpointing:
+        out["activation_checkpointing"] = True
+    if train.memory_budget_mb is not None:
+        out["memory_budget_mb"] = train.memory_budget_mb
+    return out
+
+
+def _parallel() -> dict:
+    """{"world_size": N} in a data-parallel job: its numbers differ from one process's in float rounding, dropout
+    draws and per-shard BatchNorm (graphtune.engine.fit), so it is another configuration; {} for one process."""
+    from graphtune import distributed
+
+    world = distributed.world_size()
+    return {"world_size": world} if world > 1 else {}
 
 
 STRATEGY_SECTIONS = ("gpd", "compress", "adapter")  # params sections that only the strategy of their name reads
@@ -482,16 +510,26 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
     resume: a run id, or "last", of an interrupted run of this configuration to continue (graphtune.transfer.resume);
     force: resume it even though it was recorded at another code commit (recorded on the run).
     """
+    from graphtune import distributed
+
     params = plan.params
     folder, per_run = output_folder(output_dir or params.experiment.output_dir)
     if resume and not tracking:
         raise ConfigError("--resume: an interrupted run is continued from its tracking store; drop --no-tracking")
-    # refuse a folder of the user's own, or one that cannot be written, before any work
-    since = check_owned(folder / ".run" if per_run else folder, legacy_names=OUTPUT_FILES)
-    if tracking:  # the store is reachable and writable before any data is read (one line otherwise)
-        from graphtune.tracking.preflight import check_store
+    main = distributed.is_main()  # under torchrun only rank 0 tracks and writes; every rank trains
+    if not main:
+        echo, tracking = (lambda _: None), False
 
-        check_store(params.tracking.tracking_uri or None)
+    def checks() -> str:
+        # refuse a folder of the user's own, or one that cannot be written, before any work
+        since = check_owned(folder / ".run" if per_run else folder, legacy_names=OUTPUT_FILES)
+        if tracking:  # the store is reachable and writable before any data is read (one line otherwise)
+            from graphtune.tracking.preflight import check_store
+
+            check_store(params.tracking.tracking_uri or None)
+        return since
+
+    since = _on_main(checks)
     bundles = load_bundles(params, plan.datasets)
     strategy = get_strategy(params.experiment.strategy)
     prepared = (strategy.prepare_sources(params, bundles, lambda cities: load_bundles(params, cities))
@@ -510,14 +548,18 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
         tags[TAG_SOURCE] = plan.source_ref
     journal = None
     if resume:
-        from graphtune.tracking.tags import git_info
+        from graphtune.tracking.tags import git_info, resolve_tracking_uri
 
         commit = git_info(Path(__file__).resolve().parent)["git.commit"]
-        run, forced = find_run(resume, config_hash=digest, config=config, seed=plan.experiment.seed, commit=commit,
-                               force=force, tracking_uri=tracker.tracking_uri, experiment_name=tr.experiment_name)
-        journal, stage_runs = load_journal(run["run_id"], tracker.tracking_uri, first_stage=plan.first_stage,
-                                           n_stages=plan.n_stages)
-        resume = run["run_id"]
+        uri = resolve_tracking_uri(tr.tracking_uri or None)
+
+        def find():
+            run, forced = find_run(resume, config_hash=digest, config=config, seed=plan.experiment.seed, commit=commit,
+                                   force=force, tracking_uri=uri, experiment_name=tr.experiment_name)
+            return (run, forced) + load_journal(run["run_id"], uri, first_stage=plan.first_stage, n_stages=plan.n_stages)
+
+        run, forced, journal, stage_runs = _on_main(find)  # every rank continues from rank 0's journal
+        resume = run["run_id"] if main else None
         tags[TAG_RESUMED] = str(int(run["tags"].get(TAG_RESUMED, "0")) + 1)
         if forced:
             tags[TAG_FORCED] = forced
@@ -557,14 +599,34 @@ def execute(plan: Plan, *, echo: Callable[[str], None] = print, tracking: bool =
         if tr.log_checkpoints and observer.last_source is not None:  # `finetune --from <this run id>`
             tracker.log_checkpoint(observer.last_source.checkpoint(), CHECKPOINT)
         out = folder / run_folder_name(plan, parent_id) if per_run else folder
-        files = write_outputs(result, params, out, config=config, since=None if per_run else since)
-        if per_run:
-            point_latest(folder, out.name)
-        for path in files.values():
-            tracker.log_artifact(path)
+        if main:
+            files = write_outputs(result, params, out, config=config, since=None if per_run else since)
+            if per_run:
+                point_latest(folder, out.name)
+            for path in files.values():
+                tracker.log_artifact(path)
     echo(f"score = {result.score.score:.4f} (comparable across runs; S_uep within this run = {result.s_uep:.4f}); "
          f"results in {out}")
     return result, parent_id
+
+
+def _on_main(fn):
+    """fn() run on rank 0 alone and its value given to every rank; an error it raises is raised on every rank,
+    so no rank goes on to train while rank 0 has stopped (single process: just fn())."""
+    from graphtune import distributed
+
+    if distributed.world_size() == 1:
+        return fn()
+    value = error = None
+    if distributed.is_main():
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank)
+            error = err
+    value, error = distributed.broadcast_object((value, error))
+    if error is not None:
+        raise error
+    return value
 
 
 def logged_params(plan: Plan, tracking_uri: str | None) -> dict:

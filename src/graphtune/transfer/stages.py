@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from graphtune import distributed
 from graphtune.config import BudgetConfig, ExperimentConfig, ScoreConfig, TrainConfig, TransferConfig
 from graphtune.data.bundle import DatasetBundle, Scaler
 from graphtune.engine import FitResult, evaluate, fit
@@ -380,6 +381,8 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
         for position, (fraction, starts, days) in enumerate(curve):
             spent = sum(f.fit_time_s for f in fits)
             remaining = None if time_budget_s is None else time_budget_s - spent
+            # rank 0's clock decides in a data-parallel job, so every rank runs the same points
+            remaining = distributed.broadcast_object(remaining) if distributed.world_size() > 1 else remaining
             if remaining is not None and remaining <= 0:
                 stopped_reason = "time_budget"
                 break
@@ -433,11 +436,15 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                          "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
                          "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
                          "test_wape": test["wape"],
+                         # train.memory_budget_mb's choice (graphtune.memory), None without a budget
+                         "memory_plan": result.plan.as_dict() if result.plan is not None else None,
                          "val": val, "test": test}
                 points.append(point)
                 history = result.history
                 observer.budget_done(index, point)
-                fit_record = {k: v for k, v in vars(result).items() if k != "best_state"}
+                # plain containers only (a memory plan as a dict): the journal is read with weights_only
+                fit_record = {k: (asdict(v) if is_dataclass(v) else v) for k, v in vars(result).items()
+                              if k != "best_state"}
                 observer.point_done(index, PointRecord(
                     position=position, point=point, fit=fit_record, state=_cpu_state(net),
                     monitor={"elapsed_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
@@ -464,7 +471,7 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
         )
         new_source = SourceModel(model, adapted.model_kwargs or model_kwargs, _cpu_state(net), bundle.name,
                                  list(bundle.sensor_ids), final_view.scaler.to_dict())
-        observer.stage_done(stage, new_source, net, _example(final_view))
+        observer.stage_done(stage, new_source, strategy.export(net), _example(final_view))
     return stage, new_source
 
 
