@@ -40,6 +40,7 @@ class _SplitShares(Check):
 
 POSITIVE = number(min=0, min_open=True)
 NON_NEGATIVE = number(min=0)
+ADAPTER_KINDS = ("temporal", "graph", "head", "prompt")  # the layer kinds of graphtune.adapters.layouts
 
 
 class _Ratio(Check):
@@ -109,7 +110,21 @@ class TrainConfig:
     clip_grad: float | None = option(5.0, hinted(optional(POSITIVE), "use null to disable"))
     # epochs without val improvement before stopping; 0 = never stop early
     early_stop_patience: int = option(0, integer(min=0))
-    amp: str = option("auto", choice("auto", "on", "off"))  # auto = mixed precision on CUDA only; on | off
+    # auto = mixed precision on CUDA only (bfloat16, or float16 with loss scaling); on (bfloat16 on CPU) | off
+    amp: str = option("auto", choice("auto", "on", "off"))
+    # Gradient accumulation: batch_size stays the optimizer's batch, and each step runs it as grad_accum
+    # micro-batches of batch_size / grad_accum windows (which must divide it), summing their gradients. The loss
+    # is the masked MAE of the whole batch (each micro-batch's error sum over the batch's valid readings), so a
+    # step equals one of the whole batch up to float rounding, for less activation memory; except in models
+    # with batch statistics (GWNet's BatchNorm normalises each micro-batch) and in random draws (dropout masks)
+    grad_accum: int = option(1, integer(min=1))
+    # recompute each model block's activations in backward instead of storing them (ForecastModel.run_block):
+    # less memory for about one more forward per step, same numbers; refused for models that mark no block
+    activation_checkpointing: bool = option(False, boolean())
+    # MB per training step: before training, the planner (graphtune.memory) picks the fewest micro-batches (at
+    # least grad_accum) and, only when needed, checkpointing (kept on when set above) whose MEASURED peak tensor
+    # memory of one step fits; null = no planning
+    memory_budget_mb: float | None = option(None, optional(POSITIVE))
 
     def epochs_at(self, stage: int, n_stages: int) -> int:
         """Epochs of stage `stage` (0 = pretraining) in a run of `n_stages` stages (see `stage_value`)."""
@@ -119,9 +134,20 @@ class TrainConfig:
         return float(stage_value(self.lrs, stage, n_stages, "train.lrs"))
 
     def check_stages(self, stages: range | list[int], n_stages: int) -> None:
-        """ConfigError (naming the option) unless the per-stage lists have an entry for each of `stages`."""
+        """ConfigError (naming the option) unless the per-stage lists have an entry for each of `stages`, and
+        unless grad_accum divides batch_size (`micro_batch_size`): everything a run can check before it starts."""
         for stage in stages:
             self.epochs_at(stage, n_stages), self.lr_at(stage, n_stages)
+        self.micro_batch_size
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Windows per forward with gradient accumulation: batch_size / grad_accum; ConfigError unless it divides."""
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum: {self.grad_accum} does not divide train.batch_size "
+                              f"{self.batch_size}; choose a divisor of the batch size (a micro-batch is "
+                              "batch_size / grad_accum windows)")
+        return self.batch_size // self.grad_accum
 
     @property
     def patience(self) -> int | None:
@@ -154,6 +180,11 @@ class TransferConfig:
     # `fractions`: each point trains on the windows of the LAST d days of the training split (the most recent
     # data a new city has), and is recorded with the fraction of the windows that is. [] = use fractions.
     target_days: list[float] = option([], list_of(POSITIVE, min_len=0))
+    # one fine-tuning budget shared by several targets (graphtune.transfer.allocation): none = each target runs its
+    # whole curve; uniform = every target at total_budget; diagnostics = shares from zero-shot gap, probe gain and
+    # difficulty. Each target then runs two points: the probe (fractions[0]) and its share.
+    allocation: str = option("none", choice("none", "uniform", "diagnostics"))
+    total_budget: float = option(0.3, number(min=0, max=1, min_open=True))  # share of all targets' windows in total
 
 
 @dataclass
@@ -180,11 +211,6 @@ class GpdConfig:
     profile_bins: int = option(8, integer(min=1))  # time-of-day bins of the temporal prompt's daily profile
     # collection: every source node model trains on its ego-subgraph (all of a city's nodes as one grouped fit)
     collect_epochs: int = option(6, integer(min=1))
-    # one fine-tuning budget shared by several targets (graphtune.transfer.allocation): none = each target runs its
-    # whole curve; uniform = every target at total_budget; diagnostics = shares from zero-shot gap, probe gain and
-    # difficulty. Each target then runs two points: the probe (fractions[0]) and its share.
-    allocation: str = option("none", choice("none", "uniform", "diagnostics"))
-    total_budget: float = option(0.3, number(min=0, max=1, min_open=True))  # share of all targets' windows in total
     collect_lr: float = option(0.005, POSITIVE)
     # collection trains on every k-th training window: a city's node models cost about 1.3 s per batch of 64
     # windows on 2 CPU cores (100 nodes), so k = 3 keeps a region's collection near a minute
@@ -250,6 +276,46 @@ class CompressConfig:
         return CompressSettings(ratio=self.ratio if ratio is None else ratio, rounds=self.rounds, method=self.method,
                                 variant=self.lbyl_variant, lambda1=self.lambda1, lambda2=self.lambda2, k1=self.k1,
                                 k2=self.k2)
+
+
+@dataclass
+class AdapterConfig:
+    """`adapter:` low-rank adapters (graphtune.adapters) for the transfer strategies `adapter` (a fixed rank on
+    the layer kinds of `targets`) and `topology-adapter` (rank and kinds chosen per target city by
+    graphtune.adapters.capacity.choose_capacity). The source weights stay frozen; the adapters and the
+    re-created node-specific tensors train, and the adapters merge into the weights for evaluation and export."""
+
+    # r of every adapted layer (strategy adapter), at most each adapted layer's width min(in, out). 4 rather than
+    # LoRA's usual 8: these layers are 32-64 channels wide, where rank 8 adds 25-29% of each adapted weight
+    # (about 15% of gwnet's and hypernet's parameters), above max_share
+    rank: int = option(4, integer(min=1))
+    # the update B A is scaled by alpha / rank; null = 2 x rank, a scale of 2 at any rank (so the rank that
+    # topology-adapter picks changes the capacity, not the size of the steps)
+    alpha: float | None = option(None, optional(POSITIVE))
+    # layer kinds that get adapters (graphtune.adapters.layouts): temporal | graph | head | prompt
+    targets: list[str] = option(["temporal", "graph"], list_of(choice(*ADAPTER_KINDS)))
+    # biases that train too: none | adapted (those of the adapted layers) | all (every node-independent bias)
+    bias: str = option("none", choice("none", "adapted", "all"))
+    # the adapter parameters (A, B and the biases `bias` unfreezes) may be at most this share of the model's
+    # node-independent parameters (so a smaller share of all of them): adapter checks it before any run,
+    # topology-adapter lowers its choice to meet it
+    max_share: float = option(0.1, number(min=0, max=1, min_open=True))
+    # topology-adapter: the range of its ranks ...
+    rank_min: int = option(1, integer(min=1))
+    rank_max: int = option(8, integer(min=1))
+    # ... and the order in which layer kinds get adapters as a city's need grows
+    topology_kinds: list[str] = option(["graph", "temporal"], list_of(choice(*ADAPTER_KINDS)))
+    # weights of its four signals (0 = not measured): the node count, the graph's difficulty proxy, the zero-shot
+    # val error relative to persistence's, the distance of the node prompts from the source's
+    w_nodes: float = option(1.0, NON_NEGATIVE)
+    w_difficulty: float = option(1.0, NON_NEGATIVE)
+    w_error: float = option(2.0, NON_NEGATIVE)  # the most direct evidence that the source does not fit the city
+    w_shift: float = option(1.0, NON_NEGATIVE)
+    # a signal counts half at its reference (x / (x + ref)): the METR-LA halves have about 100 nodes and a
+    # difficulty proxy of about 210; 0.5 = target prompts half a source standard deviation away per feature
+    ref_nodes: float = option(100.0, POSITIVE)
+    ref_difficulty: float = option(200.0, POSITIVE)
+    ref_shift: float = option(0.5, POSITIVE)
 
 
 @dataclass
@@ -325,7 +391,7 @@ def stage_value(values, stage: int, n_stages: int, option: str):
 SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig, "experiment": ExperimentConfig, "train": TrainConfig, "transfer": TransferConfig,
     "budgets": BudgetConfig, "score": ScoreConfig, "tracking": TrackingConfig, "compare": CompareConfig,
-    "gpd": GpdConfig, "compress": CompressConfig,
+    "gpd": GpdConfig, "compress": CompressConfig, "adapter": AdapterConfig,
 }
 FREE_SECTIONS = ("cities",)  # mappings passed through as they are (validated by their consumer)
 
@@ -353,6 +419,7 @@ class Params:
     compare: CompareConfig = field(default_factory=CompareConfig)
     gpd: GpdConfig = field(default_factory=GpdConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     cities: dict = field(default_factory=dict)
 
     def validate(self) -> "Params":

@@ -165,6 +165,11 @@ class Strategy:
 
         return dataclasses.asdict(getattr(params, self.settings_section)) if self.settings_section else {}
 
+    def export(self, model):
+        """The model as it is logged and served after a stage (MLflow model): the fine-tuned model itself by
+        default; a strategy whose model carries training-only structure (adapters) returns the plain model."""
+        return model
+
     def source_identity(self, params) -> str:
         """What identifies the built sources beyond params (e.g. a file's sha256), for the configuration hash."""
         return ""
@@ -181,7 +186,7 @@ class Strategy:
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", option="experiment.strategy",
                                           providers=("graphtune.transfer.strategies", "graphtune.generative.strategy",
-                                                     "graphtune.compression.strategy"))
+                                                     "graphtune.compression.strategy", "graphtune.adapters"))
 
 
 def register_strategy(name: str):
