@@ -63,10 +63,10 @@ def _prepare(city: str, params):
     return prepare_dataset(city, params.prepare, cities=params.cities, root=ROOT)
 
 
-def strategies(seeds, models) -> list[dict]:
+def strategies(seeds, models, save=lambda rows: None) -> list[dict]:
     rows = []
-    for model in models:
-        for seed in seeds:
+    for seed in seeds:  # seed outermost: a stopped run still has every model at the seeds it finished
+        for model in models:
             params = _params(model, seed)
             west, east = _prepare("metr-la-west", params), _prepare("metr-la-east", params)
             start = time.perf_counter()
@@ -97,10 +97,11 @@ def strategies(seeds, models) -> list[dict]:
                       f"({100 * row['trainable_share']:5.1f}%)  test MAE "
                       + " / ".join(f"{pt['test_mae']:.3f}" for pt in row["points"])
                       + f"  {row['wall_s']:.0f} s", flush=True)
+                save(rows)  # every finished run is kept, even if the benchmark is stopped later
     return rows
 
 
-def allocation(seeds, model: str) -> list[dict]:
+def allocation(seeds, model: str, save=lambda rows: None) -> list[dict]:
     rows = []
     for seed in seeds:
         for rule in ("uniform", "diagnostics"):
@@ -122,6 +123,7 @@ def allocation(seeds, model: str) -> list[dict]:
             rows.append(row)
             print(f"{model} s{seed} {rule:11s} shares " + ", ".join(f"{t['city'][-2:]} {t['share']:.2f}" for t in targets)
                   + f"  windows {row['total_windows']}  mean test MAE {row['mean_test_mae']:.4f}", flush=True)
+            save(rows)
     return rows
 
 
@@ -174,17 +176,33 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     record["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part: str, summarise):
+        def write(rows):
+            import fcntl
+
+            # merge with what another invocation wrote meanwhile (e.g. the other part run side by side)
+            fd = os.open(args.out.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                current = json.loads(args.out.read_text()) if args.out.is_file() else {}
+                current["machine"] = record["machine"]
+                current[part] = {"runs": rows, "summary": summarise(rows), "seeds": args.seeds}
+                tmp = args.out.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+                os.replace(tmp, args.out)
+            finally:
+                os.close(fd)
+        return write
+
     if args.part in ("strategies", "both"):
-        rows = strategies(args.seeds, args.models)
-        record["strategies"] = {"runs": rows, "summary": _summary_strategies(rows)}
-        for entry in record["strategies"]["summary"]:
+        rows = strategies(args.seeds, args.models, save("strategies", _summary_strategies))
+        for entry in _summary_strategies(rows):
             print(json.dumps(entry))
     if args.part in ("allocation", "both"):
-        rows = allocation(args.seeds, args.allocation_model)
-        record["allocation"] = {"runs": rows, "summary": _summary_allocation(rows)}
-        print(json.dumps(record["allocation"]["summary"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        rows = allocation(args.seeds, args.allocation_model, save("allocation", _summary_allocation))
+        print(json.dumps(_summary_allocation(rows), indent=1))
     print(f"wrote {args.out}")
 
 
