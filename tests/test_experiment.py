@@ -407,3 +407,22 @@ def test_concurrent_runs_get_their_own_folders_and_latest_links_the_newest(tmp_p
 def test_a_misplaced_run_placeholder_is_one_line(tmp_path):
     r = CliRunner().invoke(cli, ["experiment", *FAST, "--no-tracking", "--output-dir", str(tmp_path / "{run}" / "x")])
     assert r.exit_code == 2 and "must be the whole last folder name" in r.output
+
+
+def test_latest_is_a_link_made_atomically_and_a_users_latest_is_left_alone(tmp_path):
+    from graphtune.errors import GraphTuneNotice
+    from graphtune.transfer.experiment import output_folder, point_latest
+
+    assert output_folder("outputs/runs/{run}") == (Path("outputs/runs"), True)
+    assert output_folder("outputs/experiment") == (Path("outputs/experiment"), False)
+    (tmp_path / "a-1").mkdir()
+    (tmp_path / "b-2").mkdir()
+    point_latest(tmp_path, "a-1")
+    point_latest(tmp_path, "b-2")
+    assert os.readlink(tmp_path / "latest") == "b-2" and sorted(os.listdir(tmp_path)) == ["a-1", "b-2", "latest"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "latest").write_text("my notes")
+    with pytest.warns(GraphTuneNotice, match="not a link GraphTune made"):
+        point_latest(mine, "a-1")
+    assert (mine / "latest").read_text() == "my notes"
