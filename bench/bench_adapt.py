@@ -7,7 +7,8 @@ scheduler is off). Reported per point: test MAE, trainable parameters, peak memo
 time. Every strategy of a (model, seed) starts from the same pretrained source.
 
 Part 2, allocation (`--part allocation`): one fine-tuning budget (30% of all targets' training windows) over
-three target regions (metr-la-r1, -r2, -r3) after pretraining on metr-la-west: uniform (every target at 30%)
+three target regions (metr-la-r1, -r2, -r3) after pretraining on metr-la-west, with hypernet (the `make run`
+model; a GWNet run of this part takes about 10 minutes here): uniform (every target at 30%)
 against diagnostics (graphtune.transfer.allocation), same seeds, same total windows. Reported: each target's
 share, windows and test MAE, and the mean test MAE over the targets.
 
@@ -63,7 +64,7 @@ def _prepare(city: str, params):
     return prepare_dataset(city, params.prepare, cities=params.cities, root=ROOT)
 
 
-def strategies(seeds, models, save=lambda rows: None) -> list[dict]:
+def strategies(seeds, models, save=lambda rows: None, variants=None) -> list[dict]:
     rows = []
     for seed in seeds:  # seed outermost: a stopped run still has every model at the seeds it finished
         for model in models:
@@ -73,6 +74,8 @@ def strategies(seeds, models, save=lambda rows: None) -> list[dict]:
             _, source = pretrain_stage(west, params.experiment, params.train, n_stages=2)
             pre_s = time.perf_counter() - start
             for label, strategy, overrides in VARIANTS:
+                if variants and label not in variants:
+                    continue
                 p = copy.deepcopy(params)
                 p.experiment.strategy = strategy
                 for key, value in overrides.items():
@@ -80,8 +83,11 @@ def strategies(seeds, models, save=lambda rows: None) -> list[dict]:
                 impl = get_strategy(strategy)
                 impl.check(p, ["metr-la-east"])  # the strategy's own settings (adapter rank, ...) as the CLI sets them
                 start = time.perf_counter()
-                result = run_experiment([east], p.experiment, p.train, p.transfer, p.score, p.budgets,
-                                        sources=() if not impl.loads_source else (source,))
+                if impl.loads_source:  # east is the target of the pretrained source: stage 1
+                    result = run_experiment([east], p.experiment, p.train, p.transfer, p.score, p.budgets,
+                                            sources=(source,))
+                else:  # scratch: west only names the source (nothing is pretrained), east is stage 1's target
+                    result = run_experiment([west, east], p.experiment, p.train, p.transfer, p.score, p.budgets)
                 stage = result.stages[-1]
                 row = {"model": model, "seed": seed, "variant": label, "strategy": strategy,
                        "trainable_params": stage.static_eff["params_trainable"],
@@ -169,7 +175,9 @@ def main() -> None:
     parser.add_argument("--part", choices=("strategies", "allocation", "both"), default="both")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--allocation-model", default="gwnet")
+    parser.add_argument("--allocation-model", default="hypernet")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these strategy variants (labels); their "
+                        "runs replace the same ones in the JSON, the others are kept")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -188,7 +196,13 @@ def main() -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 current = json.loads(args.out.read_text()) if args.out.is_file() else {}
                 current["machine"] = record["machine"]
-                current[part] = {"runs": rows, "summary": summarise(rows), "seeds": args.seeds}
+                # runs of this invocation replace the same (model, seed, variant or rule) of earlier ones
+                key = (lambda r: (r["model"], r["seed"], r.get("variant", r.get("rule"))))
+                mine = {key(r) for r in rows}
+                kept = [r for r in current.get(part, {}).get("runs", []) if key(r) not in mine]
+                merged = sorted(kept + rows, key=lambda r: (r["seed"], r["model"]))
+                current[part] = {"runs": merged, "summary": summarise(merged),
+                                 "seeds": sorted({r["seed"] for r in merged})}
                 tmp = args.out.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
                 os.replace(tmp, args.out)
@@ -197,7 +211,7 @@ def main() -> None:
         return write
 
     if args.part in ("strategies", "both"):
-        rows = strategies(args.seeds, args.models, save("strategies", _summary_strategies))
+        rows = strategies(args.seeds, args.models, save("strategies", _summary_strategies), args.variants)
         for entry in _summary_strategies(rows):
             print(json.dumps(entry))
     if args.part in ("allocation", "both"):
