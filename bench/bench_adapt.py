@@ -71,7 +71,10 @@ def strategies(seeds, models, save=lambda rows: None, variants=None) -> list[dic
             params = _params(model, seed)
             west, east = _prepare("metr-la-west", params), _prepare("metr-la-east", params)
             start = time.perf_counter()
-            _, source = pretrain_stage(west, params.experiment, params.train, n_stages=2)
+            chosen = [v for v in VARIANTS if not variants or v[0] in variants]
+            source = None
+            if any(get_strategy(strategy).loads_source for _, strategy, _ in chosen):  # scratch alone needs none
+                _, source = pretrain_stage(west, params.experiment, params.train, n_stages=2)
             pre_s = time.perf_counter() - start
             for label, strategy, overrides in VARIANTS:
                 if variants and label not in variants:
