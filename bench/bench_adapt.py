@@ -202,7 +202,8 @@ def main() -> None:
                 # runs of this invocation replace the same (model, seed, variant or rule) of earlier ones
                 key = (lambda r: (r["model"], r["seed"], r.get("variant", r.get("rule"))))
                 mine = {key(r) for r in rows}
-                kept = [r for r in current.get(part, {}).get("runs", []) if key(r) not in mine]
+                kept = [r for r in current.get(part, {}).get("runs", []) if key(r) not in mine
+                        and r.get("points", True)]  # a strategies run without budget points measured nothing
                 merged = sorted(kept + rows, key=lambda r: (r["seed"], r["model"]))
                 current[part] = {"runs": merged, "summary": summarise(merged),
                                  "seeds": sorted({r["seed"] for r in merged})}
