@@ -402,53 +402,47 @@ def transfer_stage(bundle: DatasetBundle, sources: tuple[SourceModel, ...], expe
                     net.load_state_dict(record.state)
                     if static is None:
                         static, flops = _efficiency(net, view, batch)
-                if result.stopped_reason == "time_budget":
-                    stopped_reason = "time_budget"
-                    break
-                if scheduler.update(fraction, val["mae"]):
-                    stopped_reason = "budget_scheduler"
-                    break
-                continue
-            with observer.budget(index, bundle.name, fraction):
-                # the point's data, as a pretraining stage's, is set up outside its resource window
-                view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
-                ctx = context(view, fraction)
-                cap = None if days is not None else steps_cap(all_starts.numel(), batch, fraction,
-                                                              transfer.fewshot_mode)
-                with ResourceMonitor(device) as monitor:  # each point's own time and memory, its adaptation in
-                    adapted = strategy.adapt(ctx)
-                    net, report = adapted.model, adapted.report
-                    result = fit(net, view, train, stage=index, n_stages=n_stages, seed=seed, device=device,
-                                 max_steps_per_epoch=cap, time_budget_s=remaining,
-                                 on_epoch_end=lambda _, e: observer.epoch(e))
-                    where = f"{bundle.name}: fine-tuned at fraction {fraction:g}"
-                    val = _require_finite(_best_val(result, net, view, batch, device), where)
-                    test = _require_finite(evaluate(net, view, "test", batch_size=batch, device=device), where)
-                if static is None:  # no zero-shot point (scratch): the first point's model, after its window
-                    static, flops = _efficiency(net, view, batch)
-                monitors.append(monitor)
-                fits.append(result)
-                point = {"fraction": fraction, "target_days": days, "windows": int(starts.numel()), "data": view.data_used,
-                         "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
-                         "best_epoch": result.best_epoch, "train_time_s": result.train_time_s,
-                         "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
-                         "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": _cost(static, flops, result.samples)["train_flops"],
-                         "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
-                         "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
-                         "test_wape": test["wape"],
-                         # train.memory_budget_mb's choice (graphtune.memory), None without a budget
-                         "memory_plan": result.plan.as_dict() if result.plan is not None else None,
-                         "val": val, "test": test}
-                points.append(point)
-                history = result.history
-                observer.budget_done(index, point)
-                # plain containers only (a memory plan as a dict): the journal is read with weights_only
-                fit_record = {k: (asdict(v) if is_dataclass(v) else v) for k, v in vars(result).items()
-                              if k != "best_state"}
-                observer.point_done(index, PointRecord(
-                    position=position, point=point, fit=fit_record, state=_cpu_state(net),
-                    monitor={"elapsed_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
-                             "peak_gpu_mb": monitor.peak_gpu_mb}))
+            else:  # run the point
+                with observer.budget(index, bundle.name, fraction):
+                    # the point's data, as a pretraining stage's, is set up outside its resource window
+                    view = bundle.restrict(starts, prompt_steps=window, fallback_scaler=source_scaler)
+                    ctx = context(view, fraction)
+                    cap = None if days is not None else steps_cap(all_starts.numel(), batch, fraction,
+                                                                  transfer.fewshot_mode)
+                    with ResourceMonitor(device) as monitor:  # each point's own time and memory, its adaptation in
+                        adapted = strategy.adapt(ctx)
+                        net, report = adapted.model, adapted.report
+                        result = fit(net, view, train, stage=index, n_stages=n_stages, seed=seed, device=device,
+                                     max_steps_per_epoch=cap, time_budget_s=remaining,
+                                     on_epoch_end=lambda _, e: observer.epoch(e))
+                        where = f"{bundle.name}: fine-tuned at fraction {fraction:g}"
+                        val = _require_finite(_best_val(result, net, view, batch, device), where)
+                        test = _require_finite(evaluate(net, view, "test", batch_size=batch, device=device), where)
+                    if static is None:  # no zero-shot point (scratch): the first point's model, after its window
+                        static, flops = _efficiency(net, view, batch)
+                    monitors.append(monitor)
+                    fits.append(result)
+                    point = {"fraction": fraction, "target_days": days, "windows": int(starts.numel()), "data": view.data_used,
+                             "steps": result.steps, "samples": result.samples, "epochs": len(result.history),
+                             "best_epoch": result.best_epoch, "train_time_s": result.train_time_s,
+                             "wall_time_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
+                             "peak_gpu_mb": monitor.peak_gpu_mb, "train_flops": _cost(static, flops, result.samples)["train_flops"],
+                             "stopped_reason": result.stopped_reason, "val_mae": val["mae"], "val_rmse": val["rmse"],
+                             "test_mae": test["mae"], "test_rmse": test["rmse"], "test_mape": test["mape"],
+                             "test_wape": test["wape"],
+                             # train.memory_budget_mb's choice (graphtune.memory), None without a budget
+                             "memory_plan": result.plan.as_dict() if result.plan is not None else None,
+                             "val": val, "test": test}
+                    points.append(point)
+                    history = result.history
+                    observer.budget_done(index, point)
+                    # plain containers only (a memory plan as a dict): the journal is read with weights_only
+                    fit_record = {k: (asdict(v) if is_dataclass(v) else v) for k, v in vars(result).items()
+                                  if k != "best_state"}
+                    observer.point_done(index, PointRecord(
+                        position=position, point=point, fit=fit_record, state=_cpu_state(net),
+                        monitor={"elapsed_s": monitor.elapsed_s, "peak_rss_mb": monitor.peak_rss_mb,
+                                 "peak_gpu_mb": monitor.peak_gpu_mb}))
             if result.stopped_reason == "time_budget":
                 stopped_reason = "time_budget"
                 break
